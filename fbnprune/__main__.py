@@ -1,0 +1,3 @@
+from fbnprune.cli import main
+
+raise SystemExit(main())

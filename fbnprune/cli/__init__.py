@@ -1,0 +1,119 @@
+"""Command line: ``python -m fbnprune {run,validate,recipes,cp} ...``.
+
+Exit codes: 0 ok, 2 usage or recipe/input error (one message, no traceback), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from fbnprune.errors import UserError
+
+EPILOG = """examples:
+  python -m fbnprune recipes                          list bundled recipes
+  python -m fbnprune run recipes/quickstart.yaml      run a recipe (file or bundled name)
+  python -m fbnprune run quickstart prune.sparsity=0.3 output_dir=outputs/q30
+  python -m fbnprune validate my.yaml                 check a recipe, report every error
+  python -m fbnprune cp quickstart ./mine.yaml        copy a bundled recipe to edit
+"""
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fbnprune.recipe import load_recipe
+    from fbnprune.run import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run(recipe, output_dir=args.output)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from fbnprune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok ({recipe.name}: {recipe.model.source}, {recipe.prune.method} "
+          f"{'sparsity ' + str(recipe.prune.sparsity) if recipe.prune.sparsity is not None else ''})")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fbnprune.recipe import bundled_recipes
+
+    rows = []
+    for name, path in bundled_recipes().items():
+        try:
+            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(unreadable)"
+        rows.append((name, str(desc).strip().splitlines()[0] if desc else ""))
+    width = max((len(n) for n, _ in rows), default=0)
+    for n, d in rows:
+        print(f"{n:<{width}}  {d}")
+    return 0
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    from fbnprune.recipe import find_recipe
+
+    src = find_recipe(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise UserError(f"{dest} exists (use --force to overwrite)")
+    shutil.copyfile(src, dest)
+    print(f"copied {src.name} -> {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fbnprune",
+        description="Prune LLM MLP neurons guided by functional networks; evaluate and export slim checkpoints.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from fbnprune import __version__
+
+    p.add_argument("--version", action="version", version=f"fbnprune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run a recipe end to end")
+    r.add_argument("recipe", help="recipe file or bundled recipe name")
+    r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
+    r.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("validate", help="validate a recipe and report every error")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*", metavar="key.path=value")
+    v.set_defaults(func=_cmd_validate)
+
+    ls = sub.add_parser("recipes", help="list bundled recipes")
+    ls.set_defaults(func=_cmd_recipes)
+
+    cp = sub.add_parser("cp", help="copy a bundled recipe for editing")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true")
+    cp.set_defaults(func=_cmd_cp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on usage errors
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"fbnprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fbnprune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Discover stage (ICA functional networks)."""

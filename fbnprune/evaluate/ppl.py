@@ -1,0 +1,65 @@
+"""Token-level perplexity in non-overlapping windows, with every setting recorded.
+
+Protocol: the text is tokenised as one stream (documents joined by blank lines, no special tokens), cut into
+consecutive non-overlapping windows of ``seq_len`` tokens (the last partial window is dropped), optionally
+limited to the first ``max_tokens`` tokens; each window is scored independently; the loss is averaged over all
+predicted tokens (``seq_len - 1`` per window). This is the WikiText-2 protocol of LLM-Pruner/FLAP (128) and
+SliceGPT/Wanda (2048), made explicit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fbnprune.collect.sources import _tokenize_concat, load_texts
+from fbnprune.errors import UserError
+
+
+def token_stream(tokenizer: Any, source: str, max_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation text of ``source`` as one token stream (see module docstring)."""
+    return _tokenize_concat(tokenizer, load_texts(source), limit=max_tokens)[: max_tokens or None]
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``tokens`` in non-overlapping windows of ``seq_len``.
+
+    Returns the perplexity and the protocol (windows, tokens scored, seq_len, stride, dtype, seconds).
+    """
+    n_win = len(tokens) // seq_len
+    if n_win == 0:
+        raise UserError(f"perplexity needs at least {seq_len} tokens, got {len(tokens)}")
+    windows = tokens[: n_win * seq_len].view(n_win, seq_len)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    t0 = time.perf_counter()
+    for b in tqdm(range(0, n_win, batch_size), desc=desc, unit="batch", disable=not progress):
+        x = windows[b : b + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += x[:, 1:].numel()
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "seq_len": seq_len,
+        "stride": seq_len,
+        "windows": n_win,
+        "tokens_scored": count,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -1,0 +1,125 @@
+"""The recipe schema: one strict model per stage. Unknown keys and out-of-range values are errors.
+
+Example recipe (``recipes/quickstart.yaml``)::
+
+    name: quickstart
+    description: SmolLM2-135M, 20% of MLP neurons removed by Wanda-sp, uniform widths
+    model: {source: smollm2-135m}
+    collect: {source: wikitext2-valid, n_tokens: 8192, seq_len: 512}
+    prune: {method: wanda_sp, sparsity: 0.2}
+    evaluate: {perplexity: [{source: wikitext2-test, seq_len: 512, max_tokens: 16384}]}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    source: str = Field(description="built-in name, .gguf path, local HF directory or Hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+
+
+class CollectConfig(Strict):
+    source: str = "wikitext2-valid"
+    fallback: str | None = Field("self", description="source to use when `source` needs data that is missing")
+    n_tokens: int = Field(8192, gt=0)
+    seq_len: int = Field(512, ge=2)
+    mode: Literal["pack", "document"] = "pack"
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    keep_activations: bool = True
+    drop_first: int = Field(1, ge=0)
+
+
+class PruneConfig(Strict):
+    method: str = "wanda_sp"
+    sparsity: float | None = Field(0.2, ge=0.0, lt=1.0, description="fraction of MLP neurons removed")
+    param_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="or: fraction of all parameters")
+    allocation: Literal["uniform", "global"] = "uniform"
+    mode: Literal["slice", "mask"] = "slice"
+    protected_layers: list[int] = Field(default_factory=list)
+    min_width: int = Field(8, ge=1)
+    round_to: int = Field(8, ge=1)
+    compensate: Literal["none", "bias"] = "none"
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from fbnprune.prune.scorers import SCORERS
+
+        from fbnprune.errors import UserError
+
+        try:
+            SCORERS.canonical(v)
+        except UserError as e:  # pydantic collects ValueErrors, so all errors are reported together
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PruneConfig:
+        if self.param_fraction is not None and "sparsity" not in self.model_fields_set:
+            self.__dict__["sparsity"] = None
+        if (self.sparsity is None) == (self.param_fraction is None):
+            raise ValueError("give exactly one of sparsity or param_fraction")
+        return self
+
+
+class PerplexityConfig(Strict):
+    source: str = "wikitext2-test"
+    seq_len: int = Field(512, ge=2)
+    max_tokens: int | None = Field(16384, gt=0, description="score only the first N tokens (a fixed slice)")
+    batch_size: int = Field(4, ge=1)
+
+
+class RetentionConfig(Strict):
+    """Data-free retention (KL and top-1 agreement vs dense) on held-out text."""
+
+    source: str = Field("self", description="'self' samples held-out text from the dense model")
+    n_tokens: int = Field(4096, gt=0)
+    seq_len: int = Field(256, ge=2)
+    seed: int = 1234
+
+
+class EvaluateConfig(Strict):
+    perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
+    retention: RetentionConfig | None = Field(default_factory=RetentionConfig)
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, gt=0, description="items per task; for smoke tests only")
+    batch_size: int = Field(8, ge=1)
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    subdir: str = "model"
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    output_dir: str | None = Field(None, description="default: outputs/<name>")
+    seed: int = 0
+    model: ModelConfig
+    collect: CollectConfig | None = Field(default_factory=CollectConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
+    export: ExportConfig | None = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _cross_stage(self) -> Recipe:
+        from fbnprune.prune.scorers import SCORERS
+
+        needs_acts = SCORERS.canonical(self.prune.method) in ("wanda_sp", "flap", "fbn")
+        if needs_acts and self.collect is None:
+            raise ValueError(f"prune.method {self.prune.method!r} needs activations: add a collect section")
+        if self.prune.compensate == "bias" and self.collect is None:
+            raise ValueError("prune.compensate 'bias' needs calibration statistics: add a collect section")
+        return self
