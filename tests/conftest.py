@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny randomly initialised models for every supported architecture (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY_KW = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_config(model_type: str):
+    """A 2-layer config of ``model_type`` with 128 MLP neurons per layer."""
+    import transformers as tf
+
+    if model_type == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128)
+    cls = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "gemma2": tf.Gemma2Config,
+        "gemma3_text": tf.Gemma3TextConfig,
+        "phi3": tf.Phi3Config,
+    }[model_type]
+    kw = dict(TINY_KW, intermediate_size=128, max_position_embeddings=128)
+    if model_type in ("gemma2", "gemma3_text", "qwen3"):
+        kw["head_dim"] = 16
+    if model_type == "phi3":
+        kw["pad_token_id"] = 0
+    return cls(**kw)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    # Random init gives near-zero MLP contributions in some families; scale weights up so pruning visibly matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mlp" in name and p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+ALL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"]
+
+
+@pytest.fixture(params=ALL_TYPES)
+def any_tiny_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (2, 16), generator=g)
