@@ -1,4 +1,4 @@
-"""Prune stage: score neurons, turn scores into an exact-budget :class:`KeepPlan`, and apply it.
+"""Prune stage: score neurons, turn scores into an exact-budget :class:`KeepPlan`, compensate, and apply it.
 
 Every method (fbn and all baselines) goes through the same plan and surgery code, so a comparison between
 methods measures the scoring rule and nothing else.
@@ -6,8 +6,29 @@ methods measures the scoring rule and nothing else.
 
 from __future__ import annotations
 
+import importlib.util
+
 from fbnprune.prune.ops import apply_plan_
-from fbnprune.prune.plan import KeepPlan, make_plan
+from fbnprune.prune.plan import KeepPlan, count_params, make_plan
 from fbnprune.prune.scorers import SCORERS, ScoreContext, score_neurons
 
-__all__ = ["SCORERS", "KeepPlan", "ScoreContext", "apply_plan_", "make_plan", "score_neurons"]
+# Scorers in their own modules register on import.
+from fbnprune.prune import obs, taylor  # noqa: E402,F401  isort: skip
+
+if importlib.util.find_spec("fbnprune.prune.fbn") is not None:  # written by the discovery stage
+    from fbnprune.prune import fbn  # noqa: F401
+
+from fbnprune.prune.compensate import bias_compensation_, compensate_, refit_compensation_  # noqa: E402
+
+__all__ = [
+    "SCORERS",
+    "KeepPlan",
+    "ScoreContext",
+    "apply_plan_",
+    "bias_compensation_",
+    "compensate_",
+    "count_params",
+    "make_plan",
+    "refit_compensation_",
+    "score_neurons",
+]

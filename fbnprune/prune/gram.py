@@ -1,0 +1,79 @@
+"""Per-layer Gram matrices of stored calibration activations, for re-fit compensation and the ``obs`` scorer.
+
+``G = [H, 1]^T [H, 1]`` (float64, ``(width + 1)^2``): the last row/column is the bias (constant) input, so a
+least-squares fit of the down projection with a free bias needs nothing else. ``H`` is read from the store's
+memory map in row chunks, so at most one layer's Gram (and one chunk of rows) is in memory at a time unless the
+cache is asked to keep more.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from fbnprune.collect.store import ActivationStore
+from fbnprune.errors import UserError
+
+_CACHE: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+_CACHE_MAX = 2  # Grams kept across calls (e.g. obs scoring then refit on the same store); raise for grid runs
+
+
+def set_gram_cache_size(n: int) -> None:
+    """Keep up to ``n`` layer Grams in memory between calls (0 disables). A 1536-wide layer takes 19 MB."""
+    global _CACHE_MAX
+    _CACHE_MAX = max(int(n), 0)
+    while len(_CACHE) > _CACHE_MAX:
+        _CACHE.popitem(last=False)
+
+
+def clear_gram_cache() -> None:
+    _CACHE.clear()
+
+
+def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048) -> torch.Tensor:
+    """``[H, 1]^T [H, 1]`` of ``layer`` in float64 (accumulated chunk by chunk from float32 products)."""
+    key = (str(store.path), int(layer))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    if not store.has_activations:
+        raise UserError(
+            "this needs the calibration activations themselves (their Gram matrix), but the store kept "
+            "statistics only: collect with keep_activations: true"
+        )
+    arr = store.layer(layer)
+    n, w = arr.shape
+    g = torch.zeros(w + 1, w + 1, dtype=torch.float64)
+    for a in range(0, n, chunk_rows):
+        h = torch.from_numpy(np.array(arr[a : a + chunk_rows], dtype=np.float32))
+        g[:w, :w] += (h.T @ h).double()
+        g[:w, w] += h.double().sum(0)
+    g[w, :w] = g[:w, w]
+    g[w, w] = n
+    if _CACHE_MAX > 0:
+        _CACHE[key] = g
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return g
+
+
+def ridge_solve(g: torch.Tensor, rhs: torch.Tensor, idx: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve ``(G[idx, idx] + lam * I') X = rhs`` where ``I'`` skips the bias entry (the last index of ``g``).
+
+    ``lam = ridge * mean(diag(G[idx, idx]))`` (relative damping, as GPTQ/SparseGPT do), so ``ridge`` is unitless.
+    """
+    a = g[idx][:, idx].clone()
+    bias_pos = (idx == g.shape[0] - 1).nonzero().flatten()
+    diag = a.diagonal()
+    not_bias = torch.ones(len(idx), dtype=torch.bool)
+    not_bias[bias_pos] = False
+    lam = ridge * float(diag[not_bias].mean()) if not_bias.any() else 0.0
+    diag[not_bias] += max(lam, 1e-12)
+    try:
+        chol = torch.linalg.cholesky(a)
+    except torch.linalg.LinAlgError:
+        # rank-deficient (e.g. dead neurons and ridge=0): fall back to a least-squares solve
+        return torch.linalg.lstsq(a, rhs).solution
+    return torch.cholesky_solve(rhs, chol)

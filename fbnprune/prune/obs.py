@@ -1,0 +1,106 @@
+"""``obs`` scorer: structured optimal-brain-surgeon selection (in the spirit of SlimGPT / ZipLM).
+
+Per layer, with ``G`` the augmented Gram matrix of the calibration activations (:mod:`fbnprune.prune.gram`):
+removing neuron ``j`` from the current kept set ``S`` and re-fitting the other down-projection columns (and the
+bias) by least squares raises the layer's squared output error by ``||W'_j||^2 / [G_S^{-1}]_jj``, where ``W'`` is
+the current re-fitted weight. In ``steps`` rounds (default 10) the neurons with the smallest such cost are
+removed, and the costs are recomputed on the survivors. Pair it with ``refit`` compensation, which applies the
+re-fit this scorer assumes.
+
+The scores encode the elimination order (earlier = lower) with the removal cost as magnitude (a running maximum,
+strictly increasing), so any plan that removes a prefix of the order removes exactly what the rounds removed.
+
+Options: ``sparsity`` (how far to eliminate; the plan's target - the lead passes it; default 0.5),
+``obs_steps`` (10), ``ridge`` (1e-3, relative damping as in compensation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from fbnprune.errors import UserError
+from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.scorers import SCORERS, ScoreContext
+
+log = logging.getLogger(__name__)
+
+
+def _damped_inverse(g: torch.Tensor, idx: torch.Tensor, ridge: float) -> torch.Tensor:
+    a = g[idx][:, idx].clone()
+    diag = a.diagonal()
+    lam = ridge * float(diag[:-1].mean()) if len(idx) > 1 else 0.0
+    diag[:-1] += max(lam, 1e-12)
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(a))
+    except torch.linalg.LinAlgError:
+        return torch.linalg.pinv(a)
+
+
+def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ridge: float = 1e-3) -> torch.Tensor:
+    """Scores for one layer: ``g`` augmented Gram ``(n+1, n+1)``, ``w`` down weight ``(d, n)`` (float64)."""
+    n = w.shape[1]
+    n_keep = min(max(int(n_keep), 1), n)
+    rhs_all = g[:, :n] @ w.T  # [H, 1]^T H W^T, (n+1, d)
+    alive = torch.ones(n, dtype=torch.bool)
+    score = torch.empty(n, dtype=torch.float64)
+    prev = -math.inf
+    n_drop = n - n_keep
+    bounds = [round(n_drop * (t + 1) / steps) for t in range(steps)] if n_drop else []
+    done = 0
+
+    def costs() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
+        inv = _damped_inverse(g, idx, ridge)
+        x = inv @ rhs_all[idx]  # re-fitted [W'^T; b]
+        return idx[:-1], (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
+
+    def assign(cols: torch.Tensor, cost: torch.Tensor) -> None:
+        nonlocal prev
+        for j in torch.argsort(cost, stable=True).tolist():
+            v = max(float(cost[j]), prev)
+            if v <= prev:
+                v = math.nextafter(prev, math.inf)
+            score[cols[j]] = v
+            prev = v
+
+    for b in bounds:
+        k = b - done
+        if k <= 0:
+            continue
+        cols, cost = costs()
+        order = torch.argsort(cost, stable=True)[:k]
+        assign(cols[order], cost[order])
+        alive[cols[order]] = False
+        done = b
+    cols, cost = costs()
+    assign(cols, cost)
+    return score
+
+
+@SCORERS.register("obs")
+def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """Iterative OBS elimination per layer, from the stored activations' Gram matrices."""
+    store = ctx.require_store("obs")
+    mlps = ctx.adapter.mlps(ctx.model)
+    if store.widths != [ctx.adapter.width(m) for m in mlps]:
+        raise UserError("scorer 'obs': activation store widths do not match the model")
+    sparsity = ctx.options.get("sparsity")
+    if sparsity is None:
+        log.warning("obs scorer: no target sparsity in options; eliminating down to 50%% of each layer")
+        sparsity = 0.5
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise UserError(f"obs: sparsity must be in [0, 1), got {sparsity}")
+    steps = int(ctx.options.get("obs_steps", 10))
+    ridge = float(ctx.options.get("ridge", 1e-3))
+    if steps < 1 or ridge < 0:
+        raise UserError("obs: obs_steps must be >= 1 and ridge >= 0")
+    out = []
+    for i, m in enumerate(tqdm(mlps, desc="obs scoring", unit="layer")):
+        w = ctx.adapter.down_weight(m).detach().double().cpu()
+        n = w.shape[1]
+        out.append(obs_order(augmented_gram(store, i), w, round(n * (1 - float(sparsity))), steps, ridge))
+    return out

@@ -1,0 +1,106 @@
+"""``taylor`` scorer: first-order Taylor importance of each neuron's parameter group (as LLM-Pruner scores
+MLP channels).
+
+For a parameter ``w`` with calibration-loss gradient ``g``, removing it changes the loss by about ``-w * g``.
+A neuron's group is its input rows (gate and up, or ``c_fc``), their biases, and its down-projection column.
+
+* ``param_first`` (default, LLM-Pruner's element-wise first order): ``sum_group |w * g|``.
+* ``vector``: ``|sum_group w * g|`` (the group removed as one vector).
+
+Gradients are summed over calibration batches (mean token loss per batch). Only MLP weights get gradients, so
+embeddings and attention are not doubled in memory.
+
+Options (``ScoreContext.options``): ``taylor_variant``, ``taylor_max_sequences`` (default 16),
+``taylor_batch_size`` (default 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fbnprune.arch.base import MLPAdapter
+from fbnprune.errors import UserError
+from fbnprune.prune.scorers import SCORERS, ScoreContext
+
+VARIANTS = ("param_first", "vector")
+
+
+def group_params(adapter: MLPAdapter, mlp: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that holds part of some neuron of ``mlp`` (input weights/biases, down weight)."""
+    out = []
+    for p in adapter.in_projs:
+        mod = getattr(mlp, p)
+        out.append(mod.weight)
+        if getattr(mod, "bias", None) is not None:
+            out.append(mod.bias)
+    out.append(adapter.down_module(mlp).weight)
+    return out
+
+
+def per_neuron_sum(adapter: MLPAdapter, mlp: nn.Module, elem: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum ``elem(param)`` (an element-wise tensor of the parameter's shape) over each neuron's group."""
+    width = adapter.width(mlp)
+    total = torch.zeros(width, dtype=torch.float64)
+    n_rows = 2 if adapter.style == "fused_gated" else 1
+    for p in adapter.in_projs:
+        mod = getattr(mlp, p)
+        e = elem(mod.weight).double().cpu()
+        if adapter.style == "conv1d":  # Conv1D stores (in, out)
+            e = e.t()
+        total += e.sum(1).view(n_rows, width).sum(0)
+        if getattr(mod, "bias", None) is not None:
+            total += elem(mod.bias).double().cpu().view(n_rows, width).sum(0)
+    e = elem(adapter.down_module(mlp).weight).double().cpu()
+    if adapter.style == "conv1d":
+        e = e.t()
+    total += e.sum(0)
+    return total
+
+
+@SCORERS.register("taylor")
+def taylor_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """LLM-Pruner-style first-order Taylor importance from gradients on the calibration sequences."""
+    variant = ctx.options.get("taylor_variant", "param_first")
+    if variant not in VARIANTS:
+        raise UserError(f"unknown taylor_variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if not ctx.sequences:
+        raise UserError("scorer 'taylor' needs calibration sequences (a collect stage) to compute gradients")
+    n_max = int(ctx.options.get("taylor_max_sequences", 16))
+    bs = int(ctx.options.get("taylor_batch_size", 2))
+    seqs = list(ctx.sequences[:n_max])
+    model: Any = ctx.model
+    mlps = ctx.adapter.mlps(model)
+    params = [p for m in mlps for p in group_params(ctx.adapter, m)]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    old_grads = {id(p): p.grad for p in model.parameters()}
+    device = next(model.parameters()).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for b in tqdm(range(0, len(seqs), bs), desc="taylor gradients", unit="batch"):
+                chunk = seqs[b : b + bs]
+                n = min(len(s) for s in chunk)
+                x = torch.stack([s[:n] for s in chunk]).to(device)
+                out = model(input_ids=x, labels=x, use_cache=False)
+                out.loss.backward()
+        scores = []
+        for m in mlps:
+            if variant == "param_first":
+                s = per_neuron_sum(ctx.adapter, m, lambda p: (p.detach().double() * p.grad.double()).abs())
+            else:
+                s = per_neuron_sum(ctx.adapter, m, lambda p: p.detach().double() * p.grad.double()).abs()
+            scores.append(s)
+    finally:
+        for p in model.parameters():
+            p.grad = old_grads[id(p)]
+            p.requires_grad_(flags[id(p)])
+    return scores
