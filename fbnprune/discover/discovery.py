@@ -1,0 +1,289 @@
+"""Discovery over runs: disjoint blocks of calibration text, one decomposition per block, recurrence statistics.
+
+Streaming: a run loads one layer (or one window of layers) of its block at a time, z-scores it, keeps only its
+rank-k PCA (``N x k``, small) and frees the activations, then runs the ICA of all layers of the run as one batch.
+Peak memory is one block of one window of activations plus a constant (PCA factors and ICA work buffers, which
+do not grow with the token count).
+
+Results are cached under ``cache_dir()/networks/<key>``; the key hashes the store's identity (model, data hash,
+shape) and every parameter that changes results (not ``device``: CPU and GPU agree to rounding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from fbnprune.collect.store import ActivationStore
+from fbnprune.discover.config import DiscoverConfig
+from fbnprune.discover.decompose import ICAOutcome, PCABlock, decompose, pca_block, zscore_
+from fbnprune.discover.networks import NetworkSet, network_recurrence, pack_bits
+from fbnprune.errors import UserError
+from fbnprune.paths import cache_dir
+
+log = logging.getLogger("fbnprune.discover")
+
+FORMAT_VERSION = 1
+MAX_MATCH_RUNS = 16  # network matching is pairwise (Hungarian per pair); the first 16 runs are matched
+ICA_BATCH_ELEMS = 1 << 26  # ICA work-buffer budget (elements) per batch of (window, restart) problems
+RETRY_SEED_STEP = 100_003
+
+
+def block_ranges(store: ActivationStore, cfg: DiscoverConfig) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Row indices of every run's block (disjoint, in store order) and a description of the split."""
+    n = store.n_rows
+    info: dict[str, Any] = {}
+    if cfg.block_texts is not None:
+        docs = store.rows()[:, 2]
+        _, first = np.unique(docs, return_index=True)
+        order = docs[np.sort(first)]  # distinct documents in order of appearance
+        n_blocks = len(order) // cfg.block_texts
+        info.update(unit="texts", per_block=cfg.block_texts, texts=len(order),
+                    dropped_texts=len(order) - n_blocks * cfg.block_texts)
+        if n_blocks == 0:
+            raise UserError(
+                f"the activation store holds {len(order)} texts, fewer than block_texts = {cfg.block_texts}; "
+                "collect more text (collect.mode: document) or lower discover.block_texts"
+            )
+        group = {int(d): i // cfg.block_texts for i, d in enumerate(order[: n_blocks * cfg.block_texts])}
+        gid = np.array([group.get(int(d), -1) for d in docs])
+        blocks = [np.nonzero(gid == b)[0] for b in range(n_blocks)]
+    elif cfg.block_rows is not None:
+        n_blocks = n // cfg.block_rows
+        info.update(unit="rows", per_block=cfg.block_rows, dropped_rows=n - n_blocks * cfg.block_rows)
+        if n_blocks == 0:
+            raise UserError(f"the activation store holds {n} rows, fewer than block_rows = {cfg.block_rows}")
+        blocks = [np.arange(b * cfg.block_rows, (b + 1) * cfg.block_rows) for b in range(n_blocks)]
+    else:
+        blocks = [np.arange(n)]
+        info.update(unit="all rows")
+    if cfg.n_runs is not None:
+        if cfg.n_runs > len(blocks):
+            raise UserError(f"n_runs = {cfg.n_runs} but the store only has {len(blocks)} complete blocks")
+        blocks = blocks[: cfg.n_runs]
+    info["blocks"] = len(blocks)
+    return blocks, info
+
+
+def windows_of(n_layers: int, window: int) -> list[list[int]]:
+    """Consecutive layer windows, stride 1 (``window = 1``: one window per layer)."""
+    if window > n_layers:
+        raise UserError(f"window = {window} is larger than the model's {n_layers} layers")
+    return [list(range(s, s + window)) for s in range(n_layers - window + 1)]
+
+
+def _load_block(store: ActivationStore, layers: list[int], rows: np.ndarray) -> torch.Tensor:
+    """Activations of ``layers`` (concatenated along neurons) for ``rows``, as a fresh float32 tensor."""
+    contiguous = rows.size > 0 and rows[-1] - rows[0] + 1 == rows.size
+    parts = []
+    for layer in layers:
+        a = store.layer(layer)
+        parts.append(np.array(a[rows[0] : rows[-1] + 1] if contiguous else a[rows], dtype=np.float32))
+    return torch.from_numpy(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+
+
+def cache_key(store: ActivationStore, cfg: DiscoverConfig) -> str:
+    m = store.meta
+    model = m.get("model") or {}
+    blob = {
+        "store": {
+            "data": m.get("data_sha256"),
+            "model": model.get("sha256") or model.get("source") if isinstance(model, dict) else model,
+            "dtype": model.get("dtype") if isinstance(model, dict) else None,
+            "widths": m.get("widths"),
+            "rows": m.get("n_rows"),
+            "drop_first": m.get("drop_first"),
+        },
+        "cfg": cfg.model_dump(exclude={"device"}),
+        "v": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _decompose_run(pcas: list[PCABlock], cfg: DiscoverConfig, seed: int) -> list[ICAOutcome]:
+    """ICA of every window of one run, in batches that respect the work-buffer budget."""
+    k, n = pcas[0].u.shape[1], (pcas[0].x1.shape[1] if cfg.method == "fastica" else pcas[0].u.shape[0])
+    per_chunk = max(1, ICA_BATCH_ELEMS // (4 * k * max(n, k) * cfg.n_restarts))
+    outs: list[ICAOutcome] = []
+    for c in range(0, len(pcas), per_chunk):
+        outs += decompose(
+            pcas[c : c + per_chunk], temporal=cfg.method == "fastica", n_restarts=cfg.n_restarts, seed=seed,
+            fun=cfg.fun, max_iter=cfg.max_iter, tol=cfg.tol, backend=cfg.backend, dtype=cfg.dtype,
+            device=cfg.device,
+        )
+    return outs
+
+
+def discover_networks(
+    store: ActivationStore, cfg: DiscoverConfig, *, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run every block's decomposition and aggregate; returns the tensors and summary (nothing is written)."""
+    if not store.has_activations:
+        raise UserError(f"store {store.path} kept statistics only; discovery needs collect.keep_activations: true")
+    widths = store.widths
+    wins = windows_of(len(widths), cfg.window)
+    blocks, split = block_ranges(store, cfg)
+    min_rows = min(len(b) for b in blocks)
+    for w in wins:
+        n_feat = sum(widths[i] for i in w)
+        if cfg.n_components > min(n_feat, min_rows):
+            raise UserError(
+                f"n_components = {cfg.n_components} is larger than the neurons ({n_feat}) or tokens ({min_rows}) "
+                "of a block; lower discover.n_components or use bigger blocks"
+            )
+    temporal = cfg.method == "fastica"
+    tau = cfg.threshold
+    run_scores: list[list[torch.Tensor]] = [[] for _ in widths]  # per layer, per ok run
+    run_nets: list[list[torch.Tensor]] = [[] for _ in widths]
+    runs: list[dict[str, Any]] = []
+    timing = {"load_s": 0.0, "pca_s": 0.0, "ica_s": 0.0}
+    bar = tqdm(total=len(blocks) * len(wins), desc="discover networks", unit="window", disable=not progress)
+    for r, rows in enumerate(blocks):
+        base_seed = cfg.seed + (r if cfg.vary_seed else 0)
+        pcas: list[PCABlock] = []
+        offsets: list[list[int]] = []
+        for w in wins:
+            t0 = time.perf_counter()
+            x = _load_block(store, w, rows).to(cfg.device if cfg.backend == "torch" else "cpu")
+            t1 = time.perf_counter()
+            zscore_(x, cfg.ddof)
+            pcas.append(pca_block(x, cfg.n_components, n_iter=cfg.pca_iters, seed=cfg.seed, temporal=temporal))
+            del x
+            timing["load_s"] += t1 - t0
+            timing["pca_s"] += time.perf_counter() - t1
+            offsets.append(list(np.cumsum([0] + [widths[i] for i in w])))
+            bar.update(1)
+        rec: dict[str, Any] = {"run": r, "rows": int(len(rows)), "attempts": []}
+        outs: list[ICAOutcome] | None = None
+        for attempt in range(cfg.max_retries + 1):
+            seed = base_seed + attempt * RETRY_SEED_STEP
+            t0 = time.perf_counter()
+            cand = _decompose_run(pcas, cfg, seed)
+            timing["ica_s"] += time.perf_counter() - t0
+            failed = [i for i, o in enumerate(cand) if not o.ok]
+            n_it = [i for o in cand for i in o.n_iter]
+            conv = [c for o in cand for c in o.converged]
+            fin = [f for o in cand for f in o.finite]
+            rec["attempts"].append({
+                "seed": seed, "failed_windows": failed, "restarts_nonfinite": int(len(fin) - sum(fin)),
+                "restarts_not_converged": int(len(conv) - sum(conv)),
+                "iterations_mean": float(np.mean(n_it)), "iterations_max": int(np.max(n_it)),
+            })
+            if not failed:
+                outs = cand
+                break
+            log.warning("discovery run %d failed in windows %s with seed %d; retrying", r, failed, seed)
+        rec["ok"] = outs is not None
+        runs.append(rec)
+        if outs is None:
+            continue
+        per_layer_z: list[list[torch.Tensor]] = [[] for _ in widths]
+        for w, off, o in zip(wins, offsets, outs, strict=True):
+            assert o.maps is not None
+            for j, layer in enumerate(w):
+                per_layer_z[layer].append(o.maps[:, off[j] : off[j + 1]])
+        for layer, zs in enumerate(per_layer_z):
+            z = torch.cat(zs, 0).abs()  # (n_net, N): slices of every window containing the layer
+            run_scores[layer].append(z.amax(0))
+            run_nets[layer].append(z > tau)
+    bar.close()
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        raise RuntimeError(f"every discovery run failed after {cfg.max_retries} retries: {runs}")
+    tensors: dict[str, torch.Tensor] = {}
+    layer_info: list[dict[str, Any]] = []
+    for layer in range(len(widths)):
+        rs = torch.stack(run_scores[layer])  # (R, N)
+        score = rs.amax(0)
+        recur = (rs > tau).float().mean(0)
+        nets = run_nets[layer][:MAX_MATCH_RUNS]
+        net_rec = network_recurrence(nets, cfg.match_threshold)
+        sizes = torch.stack([n.sum(1) for n in nets]).float()  # (R', n_net)
+        nonempty = sizes > 0
+        tensors[f"score.{layer}"] = score.float().contiguous()
+        tensors[f"recurrence.{layer}"] = recur.contiguous()
+        tensors[f"membership.{layer}"] = (score > tau).to(torch.uint8)
+        tensors[f"run_scores.{layer}"] = rs.float().contiguous()
+        tensors[f"net_members.{layer}"] = pack_bits(torch.stack(nets))
+        tensors[f"net_recurrence.{layer}"] = net_rec.contiguous()
+        rec_ne = net_rec[nonempty]
+        layer_info.append({
+            "layer": layer,
+            "members": int((score > tau).sum()),
+            "member_fraction": round(float((score > tau).float().mean()), 4),
+            "networks_per_run": round(float(nonempty.float().sum(1).mean()), 2),
+            "network_size_median": float(sizes[nonempty].median()) if bool(nonempty.any()) else 0.0,
+            "network_size_max": int(sizes.max()),
+            "network_recurrence_mean": None if len(nets) < 2 or rec_ne.numel() == 0 else round(float(rec_ne.mean()), 4),
+            "networks_recurring_half": None if len(nets) < 2 else round(float((rec_ne >= 0.5).float().mean()), 4)
+            if rec_ne.numel() else 0.0,
+            "neuron_recurrence_mean_members": round(float(recur[score > tau].mean()), 4) if bool((score > tau).any()) else 0.0,
+        })
+    summary: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "params": cfg.model_dump(),
+        "store": str(store.path),
+        "data_sha256": store.meta.get("data_sha256"),
+        "model": store.meta.get("model"),
+        "source": store.meta.get("source"),
+        "layers": len(widths),
+        "widths": widths,
+        "windows": len(wins),
+        "split": split,
+        "runs_total": len(runs),
+        "runs_ok": len(ok),
+        "runs_failed": len(runs) - len(ok),
+        "runs_retried": sum(1 for r in runs if len(r["attempts"]) > 1),
+        "matched_runs": min(len(ok), MAX_MATCH_RUNS),
+        "runs": runs,
+        "timing_s": {k: round(v, 3) for k, v in timing.items()},
+        "per_layer": layer_info,
+        "machine": f"{platform.machine()} {platform.system()}, torch threads {torch.get_num_threads()}, "
+                   f"device {cfg.device}",
+    }
+    return tensors, summary
+
+
+def run_discovery(
+    store: ActivationStore, cfg: DiscoverConfig, *, root: Path | None = None, progress: bool = True,
+    reuse: bool = True,
+) -> NetworkSet:
+    """Find the functional networks of ``store`` (cached: an identical earlier call is loaded, not recomputed).
+
+    Example:
+        >>> nets = run_discovery(store, DiscoverConfig(n_components=64))  # doctest: +SKIP
+        >>> nets.summary["runs_ok"], nets.scores[0].shape  # doctest: +SKIP
+    """
+    root = Path(root) if root is not None else cache_dir() / "networks"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / cache_key(store, cfg)
+    if reuse and (path / NetworkSet.SUMMARY).is_file():
+        return NetworkSet.load(path)
+    t0 = time.perf_counter()
+    tensors, summary = discover_networks(store, cfg, progress=progress)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    tmp = root / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / NetworkSet.FILE))
+        (tmp / NetworkSet.SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return NetworkSet.load(path)
