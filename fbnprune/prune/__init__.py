@@ -32,3 +32,4 @@ __all__ = [
     "refit_compensation_",
     "score_neurons",
 ]
+from fbnprune.prune import fbn as _fbn  # noqa: E402,F401  (registers the 'fbn' scorer)

@@ -1,0 +1,56 @@
+"""Every scorer end to end on the real SmolLM2-135M (short: 2 calibration windows, 1 evaluation window)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from fbnprune.arch import get_adapter
+from fbnprune.collect import capture_activations, make_sequences
+from fbnprune.evaluate import perplexity
+from fbnprune.evaluate.ppl import token_stream
+from fbnprune.prune import SCORERS, ScoreContext, apply_plan_, count_params, make_plan, score_neurons
+from fbnprune.prune.compensate import compensate_
+from fbnprune.prune.gram import clear_gram_cache
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from fbnprune.models import load_model
+
+    try:
+        lm = load_model("smollm2-135m")
+    except Exception as e:  # weights package not installed
+        pytest.skip(f"smollm2-135m not available: {e}")
+    try:
+        calib = make_sequences(lm.tokenizer, "wikitext2-valid", n_tokens=256, seq_len=128, seed=0)
+        toks = token_stream(lm.tokenizer, "wikitext2-test", 512)
+    except Exception as e:
+        pytest.skip(f"wikitext-2 data not available: {e}")
+    store = capture_activations(lm.model, calib, tmp_path_factory.mktemp("s") / "store", progress=False)
+    dense = perplexity(lm.model, toks, seq_len=256, progress=False)["ppl"]
+    return lm.model, calib, store, toks, dense
+
+
+@pytest.mark.parametrize("method", sorted(set(SCORERS.names()) - {"fbn"}))
+def test_scorer_end_to_end_on_smollm2(setup, method):
+    clear_gram_cache()
+    model, calib, store, toks, dense = setup
+    ad = get_adapter(model)
+    ctx = ScoreContext(model=model, adapter=ad, store=store, sequences=calib.sequences,
+                       options={"sparsity": 0.3, "obs_steps": 2})
+    scores = score_neurons(method, ctx)
+    plan = make_plan(scores, sparsity=0.3, model=model, adapter=ad)
+    assert plan.kept_widths == [1072] * 30  # 1536 * 0.7 = 1075.2 -> nearest multiple of 8
+    m = copy.deepcopy(model)
+    compensate_(m, plan, store, "refit" if method == "obs" else "bias")
+    apply_plan_(m, plan, "slice")
+    assert m.config.intermediate_size == 1072 and m.config.mlp_bias is True
+    # 464 neurons x (gate row + up row + down column) removed per layer; mlp_bias adds gate/up/down biases
+    assert count_params(m) == count_params(model) - 30 * 464 * 3 * 576 + 30 * (2 * 1072 + 576)
+    ppl = perplexity(m, toks, seq_len=256, progress=False)["ppl"]
+    assert math.isfinite(ppl) and dense < ppl < 20 * dense
