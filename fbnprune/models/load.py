@@ -139,16 +139,19 @@ def load_model(source: str, dtype: str = "float32", device: str = "cpu") -> Load
     else:
         path = Path(res.name)  # hub id: transformers resolves it (fails cleanly when offline)
         info["base_model"] = res.name
+    from transformers import AutoConfig
+
+    from fbnprune.arch import get_adapter
+
     try:
+        config = AutoConfig.from_pretrained(str(path))
+        get_adapter(config)  # fail before loading weights, with the list of supported architectures
         tok = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
-    except OSError as e:
-        raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {source!r}: {str(e).strip().splitlines()[0]}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device).eval()
-    from fbnprune.arch import get_adapter
-
-    get_adapter(model)  # fail early, with the list of supported architectures
     info["model_type"] = model.config.model_type
     return LoadedModel(model=model, tokenizer=tok, source=source, info=info)

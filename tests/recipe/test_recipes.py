@@ -1,0 +1,57 @@
+"""Every bundled recipe validates; malformed recipes list all their errors with dotted paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from fbnprune.recipe import RecipeError, bundled_recipes, load_recipe
+from fbnprune.recipe.load import dump_recipe
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_bundled_recipe_validates(name):
+    r = load_recipe(name)
+    assert r.name and r.model.source
+
+
+def test_bad_recipe_reports_every_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nmodell: {source: smollm2-135m}\nprune: {sparsity: 1.5, metod: random}\n")
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p)
+    errs = ei.value.errors
+    text = "\n".join(errs)
+    assert "model: required field missing" in text
+    assert "modell: unknown key" in text
+    assert "prune.sparsity" in text
+    assert "prune.metod: unknown key" in text
+    assert str(p) in str(ei.value)
+
+
+def test_root_must_be_mapping(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="root must be a mapping"):
+        load_recipe(p)
+
+
+def test_unknown_method_suggests(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: {source: smollm2-135m}\nprune: {method: wanda_s}\n")
+    with pytest.raises(RecipeError, match="unknown scorer 'wanda_s'.*Did you mean"):
+        load_recipe(p)
+
+
+def test_overrides_take_precedence_and_round_trip(tmp_path):
+    r = load_recipe("quickstart", ["prune.sparsity=0.3", "collect.n_tokens=1024", "output_dir=/tmp/o"])
+    assert r.prune.sparsity == 0.3 and r.collect.n_tokens == 1024 and r.output_dir == "/tmp/o"
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_recipe(r))
+    assert load_recipe(p) == r
+
+
+def test_param_fraction_replaces_default_sparsity():
+    r = load_recipe("quickstart", ["prune.sparsity=null", "prune.param_fraction=0.1"])
+    assert r.prune.sparsity is None and r.prune.param_fraction == 0.1
+    with pytest.raises(RecipeError, match="exactly one of sparsity or param_fraction"):
+        load_recipe("quickstart", ["prune.param_fraction=0.1", "prune.sparsity=0.2"])
