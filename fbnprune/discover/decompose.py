@@ -274,9 +274,16 @@ def decompose(
     device: str = "cpu",
 ) -> list[ICAOutcome]:
     """ICA with restarts and sparsest-restart selection for every block, with the chosen backend."""
-    if backend == "torch":
-        return ica_torch(blocks, temporal=temporal, n_restarts=n_restarts, seed=seed, fun=fun, max_iter=max_iter,
-                         tol=tol, dtype=dtype, device=device)
+    if backend == "torch":  # one batch per data shape (layers of different widths cannot be stacked)
+        shape_of = [tuple((b.x1 if temporal else b.u).shape) for b in blocks]
+        out: list[ICAOutcome | None] = [None] * len(blocks)
+        for shape in dict.fromkeys(shape_of):
+            idx = [i for i, s in enumerate(shape_of) if s == shape]
+            res = ica_torch([blocks[i] for i in idx], temporal=temporal, n_restarts=n_restarts, seed=seed, fun=fun,
+                            max_iter=max_iter, tol=tol, dtype=dtype, device=device)
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
+        return [o for o in out if o is not None]
     if backend in ("sklearn", "picard"):
         return ica_reference(blocks, temporal=temporal, n_restarts=n_restarts, seed=seed, fun=fun,
                              max_iter=max_iter, tol=tol, backend=backend)
