@@ -291,6 +291,40 @@ def export_hf(
     return out
 
 
+# --------------------------------------------------------------------------------------------- hub
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def push_to_hub(export_dir: str | Path, repo_id: str, *, private: bool = True, token: str | None = None,
+                commit_message: str = "Upload fbnprune slim export") -> str:
+    """Upload a finished export directory (model, card, manifest, provenance) to the Hugging Face Hub.
+
+    Only when the user asks: fbnprune never uploads on its own, and tests never call this online. Raises
+    :class:`UserError` when offline mode is set, the directory is not an export, or the upload fails.
+    """
+    export_dir = Path(export_dir)
+    if read_manifest(export_dir) is None or not (export_dir / "README.md").is_file():
+        raise UserError(f"{export_dir} is not an fbnprune export (no {MANIFEST} / README.md)")
+    if "/" not in repo_id:
+        raise UserError(f"repo_id must look like 'user/name', got {repo_id!r}")
+    if _offline():
+        raise UserError("push_to_hub needs the network, but HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, commit_message=commit_message,
+                                 ignore_patterns=[".*"])
+    except Exception as e:  # noqa: BLE001 - network/auth failures become one clear line
+        raise UserError(f"push_to_hub to {repo_id!r} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")
+
+
 # --------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The export manifest of ``path``, or ``None`` for a plain Hugging Face directory."""
@@ -378,4 +412,5 @@ def load_pretrained(path: str | Path, dtype: Any = None, device: str = "cpu", **
     return model.to(device).eval()
 
 
-__all__ = ["ExportLayout", "atomic_dir", "describe_export", "export_hf", "load_pretrained", "read_manifest"]
+__all__ = ["ExportLayout", "atomic_dir", "describe_export", "export_hf", "load_pretrained", "push_to_hub",
+           "read_manifest"]

@@ -183,3 +183,17 @@ def test_export_accepts_run_report(tmp_path):
     assert prov["data_hashes"] == {"calibration:wikitext2": "cd" * 32}
     assert "cd" * 32 in (out / "README.md").read_text()
     assert json.loads((out / "fbnprune_keep_plan.json").read_text())["kept_widths"] == plan.kept_widths
+
+
+def test_push_to_hub_refuses_offline_and_non_exports(tmp_path, monkeypatch):
+    from fbnprune.export import push_to_hub
+
+    model, plan = slim_model("llama", "uniform")
+    out = export_hf(model, None, tmp_path / "slim", plan=plan)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="offline|OFFLINE"):
+        push_to_hub(out, "someone/slim")
+    with pytest.raises(UserError, match="not an fbnprune export"):
+        push_to_hub(tmp_path, "someone/slim")
+    with pytest.raises(UserError, match="user/name"):
+        push_to_hub(out, "noslash")
