@@ -68,6 +68,28 @@ def networks_summary(
     return out
 
 
+def networks_from_set(net_set: Any, run: int = 0) -> dict[str, list[list[int]]]:
+    """Export-ready network map from a discovered :class:`fbnprune.discover.networks.NetworkSet`.
+
+    ``union`` is the union rule (member of some network in some run, ``score > tau``); ``L{l}/net{c}`` is row ``c``
+    of layer ``l``'s component maps in run ``run`` (components of every ICA window that contains the layer), so
+    names are per layer: a component spanning several layers of one window appears once per layer.
+    """
+    n = int(net_set.n_layers)
+    out: dict[str, list[list[int]]] = {
+        "union": [torch.nonzero(m.bool()).flatten().tolist() for m in net_set.membership]
+    }
+    for layer in range(n):
+        nets = net_set.networks(layer, run)
+        for c in range(nets.shape[0]):
+            members = torch.nonzero(nets[c]).flatten().tolist()
+            if members:
+                per_layer: list[list[int]] = [[] for _ in range(n)]
+                per_layer[layer] = members
+                out[f"L{layer}/net{c}"] = per_layer
+    return out
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
@@ -183,8 +205,11 @@ def model_card(
     if summary.get("networks"):
         lines += ["", "Functional networks (members kept / members; a neuron can belong to several networks):", "",
                   "| network | kept | members | kept fraction |", "|---|---|---|---|"]
-        for n, t in summary["networks"].items():
+        nets = sorted(summary["networks"].items(), key=lambda kv: (kv[0] != "union", -kv[1]["members"]))
+        for n, t in nets[:12]:
             lines.append(f"| {n} | {t['kept']} | {t['members']} | {t['kept_fraction']} |")
+        if len(nets) > 12:
+            lines.append(f"| … {len(nets) - 12} more | | | |")
     lines.append("")
     lines.append("Per-layer and per-network counts: `fbnprune_networks.json`.")
 

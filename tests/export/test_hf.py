@@ -197,3 +197,25 @@ def test_push_to_hub_refuses_offline_and_non_exports(tmp_path, monkeypatch):
         push_to_hub(tmp_path, "someone/slim")
     with pytest.raises(UserError, match="user/name"):
         push_to_hub(out, "noslash")
+
+
+def test_networks_from_discovered_set(tmp_path):
+    """A NetworkSet-like object becomes the export's network map (union + per-layer run-0 networks)."""
+    from fbnprune.export.card import networks_from_set, networks_summary
+
+    class FakeSet:
+        n_layers = 2
+        membership = [torch.tensor([1, 1, 0, 0], dtype=torch.uint8), torch.tensor([0, 0, 1, 1], dtype=torch.uint8)]
+
+        def networks(self, layer, run=0):
+            return torch.tensor([[True, False, False, True], [False, False, False, False]])
+
+    nets = networks_from_set(FakeSet())
+    assert nets["union"] == [[0, 1], [2, 3]]
+    assert nets["L0/net0"] == [[0, 3], []] and nets["L1/net0"] == [[], [0, 3]] and "L0/net1" not in nets
+    from fbnprune.prune.plan import KeepPlan
+
+    plan = KeepPlan(widths=[4, 4], keep=[torch.tensor([0, 2]), torch.tensor([2, 3])])
+    s = networks_summary([2, 2], plan, nets)
+    assert s["networks"]["union"] == {"members": 4, "kept": 3, "kept_fraction": 0.75}
+    assert s["layers"][0]["networks"]["L0/net0"] == {"members": 2, "kept": 1}
