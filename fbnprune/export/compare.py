@@ -113,7 +113,8 @@ def _probe(path: str, threads: int, new_tokens: int, runs: int, prompt: str) -> 
             out = model.generate(ids, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
         return time.perf_counter() - t, out
 
-    timed(new_tokens)  # warm-up
+    timed(new_tokens)  # warm-up: every weight has now been read at least once
+    rss_run = peak_rss_mb()
     full, one = [], []
     out = None
     for _ in range(runs):
@@ -125,8 +126,8 @@ def _probe(path: str, threads: int, new_tokens: int, runs: int, prompt: str) -> 
     med, med1 = statistics.median(full), statistics.median(one)
     return {
         "path": path, "loader": loader, "params": params, "bytes": weight_bytes(path),
-        "peak_rss_mb": round(rss_loaded, 1), "load_rss_increase_mb": round(rss_loaded - rss_before, 1),
-        "ru_maxrss_mb": round(ru_maxrss, 1),
+        "peak_rss_mb": round(rss_run, 1), "peak_rss_after_load_mb": round(rss_loaded, 1),
+        "rss_increase_mb": round(rss_run - rss_before, 1), "ru_maxrss_after_load_mb": round(ru_maxrss, 1),
         "load_s": round(load_s, 2), "threads": threads, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(n_new),
         "gen_s_runs": [round(x, 4) for x in full], "tok_s": round(n_new / med, 3),
         "decode_tok_s": round((n_new - 1) / max(med - med1, 1e-9), 3),
@@ -201,8 +202,10 @@ def compare(dense: str | Path, slim: str | Path, *, threads: int = 1, new_tokens
         "dense_params": d["params"], "slim_params": s["params"], "param_ratio": round(ratio, 4),
         "dense_bytes": d["bytes"], "slim_bytes": s["bytes"], "bytes_ratio": round(d["bytes"] / s["bytes"], 4),
         "dense_peak_rss_mb": med("dense", "peak_rss_mb"), "slim_peak_rss_mb": med("slim", "peak_rss_mb"),
-        "dense_load_rss_increase_mb": med("dense", "load_rss_increase_mb"),
-        "slim_load_rss_increase_mb": med("slim", "load_rss_increase_mb"),
+        "dense_peak_rss_after_load_mb": med("dense", "peak_rss_after_load_mb"),
+        "slim_peak_rss_after_load_mb": med("slim", "peak_rss_after_load_mb"),
+        "dense_rss_increase_mb": med("dense", "rss_increase_mb"),
+        "slim_rss_increase_mb": med("slim", "rss_increase_mb"),
         "dense_tok_s": dense_tok_s, "slim_tok_s": slim_tok_s,
         "dense_decode_tok_s": med("dense", "decode_tok_s"), "slim_decode_tok_s": med("slim", "decode_tok_s"),
         "speedup": round(speedup, 4), "decode_speedup": round(med("slim", "decode_tok_s") / med("dense", "decode_tok_s"), 4),
@@ -212,10 +215,12 @@ def compare(dense: str | Path, slim: str | Path, *, threads: int = 1, new_tokens
                      "prompt": prompt, "dtype": "float32", "batch": 1, "decoding": "greedy, EOS suppressed",
                      "tok_s": "new tokens / median wall time of one generate() call (includes the prompt's prefill)",
                      "decode_tok_s": "(new_tokens - 1) / (median generate(new_tokens) - median generate(1))",
-                     "peak_rss": "VmHWM of the fresh process right after loading the model (includes the torch and "
-                                 "transformers imports; load_rss_increase = that minus VmHWM before any import of "
-                                 "transformers). ru_maxrss is also recorded per probe, but it carries the "
-                                 "launching process's peak over fork+exec on Linux"},
+                     "peak_rss": "VmHWM of the fresh process after loading the model and one warm-up generate() "
+                                 "(transformers maps safetensors lazily, so right after loading most weight pages "
+                                 "are not resident yet: peak_rss_after_load is recorded too). Includes the torch "
+                                 "and transformers imports; rss_increase = peak minus VmHWM after importing torch. "
+                                 "ru_maxrss is recorded per probe but Linux carries the launching process's peak "
+                                 "into it over fork+exec"},
         "machine": {**m0, "loadavg_end": m1["loadavg"], "busy": m0["busy"] or m1["busy"],
                     "torch_threads": threads},
         "probes": probes,
