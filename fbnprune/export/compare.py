@@ -107,13 +107,18 @@ def _probe(path: str, threads: int, new_tokens: int, runs: int, prompt: str) -> 
     kw = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
+    cpu: list[float] = []
+
     def timed(n: int) -> tuple[float, Any]:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = model.generate(ids, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
+        if n == new_tokens:
+            cpu.append(time.process_time() - c)
         return time.perf_counter() - t, out
 
     timed(new_tokens)  # warm-up: every weight has now been read at least once
+    cpu.clear()
     rss_run = peak_rss_mb()
     full, one = [], []
     out = None
@@ -130,6 +135,7 @@ def _probe(path: str, threads: int, new_tokens: int, runs: int, prompt: str) -> 
         "rss_increase_mb": round(rss_run - rss_before, 1), "ru_maxrss_after_load_mb": round(ru_maxrss, 1),
         "load_s": round(load_s, 2), "threads": threads, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(n_new),
         "gen_s_runs": [round(x, 4) for x in full], "tok_s": round(n_new / med, 3),
+        "cpu_s_runs": [round(x, 4) for x in cpu], "tok_per_cpu_s": round(n_new / statistics.median(cpu), 3),
         "decode_tok_s": round((n_new - 1) / max(med - med1, 1e-9), 3),
         "first_token_s": round(med1, 4), "text": tok.decode(out[0, ids.shape[1]:]),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -208,6 +214,8 @@ def compare(dense: str | Path, slim: str | Path, *, threads: int = 1, new_tokens
         "slim_rss_increase_mb": med("slim", "rss_increase_mb"),
         "dense_tok_s": dense_tok_s, "slim_tok_s": slim_tok_s,
         "dense_decode_tok_s": med("dense", "decode_tok_s"), "slim_decode_tok_s": med("slim", "decode_tok_s"),
+        "dense_tok_per_cpu_s": med("dense", "tok_per_cpu_s"), "slim_tok_per_cpu_s": med("slim", "tok_per_cpu_s"),
+        "cpu_time_speedup": round(med("slim", "tok_per_cpu_s") / med("dense", "tok_per_cpu_s"), 4),
         "speedup": round(speedup, 4), "decode_speedup": round(med("slim", "decode_tok_s") / med("dense", "decode_tok_s"), 4),
         "target_speedup": round(0.9 * ratio, 4), "target_met": speedup >= 0.9 * ratio,
         "param_breakdown": {"dense": dense_parts, "slim": slim_parts},
@@ -215,6 +223,8 @@ def compare(dense: str | Path, slim: str | Path, *, threads: int = 1, new_tokens
                      "prompt": prompt, "dtype": "float32", "batch": 1, "decoding": "greedy, EOS suppressed",
                      "tok_s": "new tokens / median wall time of one generate() call (includes the prompt's prefill)",
                      "decode_tok_s": "(new_tokens - 1) / (median generate(new_tokens) - median generate(1))",
+                     "tok_per_cpu_s": "new tokens / median CPU time (process_time) of one generate() call: less "
+                                      "sensitive than wall time to other processes competing for the cores",
                      "peak_rss": "VmHWM of the fresh process after loading the model and one warm-up generate() "
                                  "(transformers maps safetensors lazily, so right after loading most weight pages "
                                  "are not resident yet: peak_rss_after_load is recorded too). Includes the torch "
