@@ -72,6 +72,7 @@ def export_gguf(
     dtype: str = "f16",
     tokenizer_from: str | Path | None = None,
     name: str | None = None,
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (uniform widths, Llama family, no MLP bias) to the GGUF file ``path``, atomically.
 
@@ -79,6 +80,7 @@ def export_gguf(
         dtype: ``f16`` (half the size; matrices rounded to float16) or ``f32`` (exact).
         tokenizer_from: a GGUF file whose ``tokenizer.*`` metadata is copied (the source model's GGUF).
         name: ``general.name`` (default: the config's name or path).
+        info: if given, filled with ``tokenizer_keys`` (how many ``tokenizer.*`` keys were copied) and ``tensors``.
     """
     from gguf import MODEL_ARCH, GGUFWriter, LlamaFileType, get_tensor_name_map
 
@@ -146,6 +148,8 @@ def export_gguf(
                 t = _to_llamacpp_rotary(t, n_kv)
             arr = t.numpy().astype(_DTYPES[dtype] if t.dim() > 1 else np.float32)
             w.add_tensor(f"{gname}.{suffix}", np.ascontiguousarray(arr))
+        if info is not None:
+            info.update(tokenizer_keys=n_tok, tensors=sum(len(t) for t in w.tensors), dtype=dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

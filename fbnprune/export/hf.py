@@ -273,10 +273,16 @@ def export_hf(
         if gguf is not None:
             from fbnprune.export.gguf import export_gguf
 
+            ginfo: dict[str, Any] = {}
             gpath = export_gguf(model, tmp / f"model-{gguf}.gguf", dtype=gguf,
-                                tokenizer_from=gguf_tokenizer_from or model_info.get("gguf"))
+                                tokenizer_from=gguf_tokenizer_from or model_info.get("gguf"), info=ginfo)
             manifest["gguf"] = gpath.name
-            manifest["loaders"]["llama.cpp / Ollama / transformers gguf_file="] = f"yes ({gpath.name})"
+            manifest["loaders"]["transformers from_pretrained(dir, gguf_file=...)"] = (
+                f"yes ({gpath.name}; round trip checked by fbnprune's tests)")
+            manifest["loaders"]["llama.cpp / Ollama"] = (
+                f"expected ({gpath.name} is a standard llama GGUF with the source tokenizer), not run by fbnprune"
+                if ginfo.get("tokenizer_keys") else
+                f"no: {gpath.name} has no tokenizer metadata (the model did not come from a GGUF file)")
         for name, obj in extra_json.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
         for name, text in extra_text.items():

@@ -77,6 +77,7 @@ def test_export_hf_writes_gguf_next_to_safetensors(tmp_path):
     assert (out / "model-f16.gguf").is_file() and (out / "model.safetensors").is_file()
     man = read_manifest(out)
     assert man["gguf"] == "model-f16.gguf"
+    assert man["loaders"]["llama.cpp / Ollama"].startswith("no: ")  # tiny model: no source tokenizer to copy
     assert "model-f16.gguf" in (out / "README.md").read_text()
 
 
