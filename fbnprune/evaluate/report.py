@@ -1,0 +1,152 @@
+"""Retention report: dense vs pruned, per task and overall, with the protocol next to every number.
+
+Per task one *primary* metric is compared (the convention of the LLM-Pruner/FLAP tables: ``acc_norm`` for
+arc_challenge and openbookqa, ``acc`` elsewhere; every other metric stays in the JSON). Retention is
+``pruned / dense``; its standard error uses the delta method with the two runs treated as independent, which
+overstates it (both runs score the same items), so it is an upper bound. The mean retention is the unweighted
+mean of the per-task ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+PRIMARY_METRIC: dict[str, str] = {"arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+
+
+def primary_metric(task: str, entry: dict[str, Any]) -> str:
+    m = PRIMARY_METRIC.get(task, "acc")
+    return m if entry.get(m) is not None else "acc"
+
+
+def _ratio(p: float | None, d: float | None) -> float | None:
+    if p is None or d is None or d == 0:
+        return None
+    return p / d
+
+
+def _ratio_se(p: float, d: float, sp: float | None, sd: float | None) -> float | None:
+    if sp is None or sd is None or p == 0 or d == 0:
+        return None
+    return (p / d) * math.sqrt((sp / p) ** 2 + (sd / d) ** 2)
+
+
+def _tasks_of(results: dict[str, Any]) -> dict[str, Any]:
+    return results.get("tasks", results)
+
+
+def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, Any],
+                     dense_model_stats: dict[str, Any] | None = None,
+                     pruned_model_stats: dict[str, Any] | None = None, *,
+                     dense_ppl: dict[str, Any] | None = None, pruned_ppl: dict[str, Any] | None = None,
+                     agreement: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """Combine two ``evaluate_tasks`` results (plus size/speed, perplexity, KL) into one report dict.
+
+    ``dense_ppl``/``pruned_ppl`` map a label (e.g. ``wikitext2-test@128``) to a ``perplexity()`` result.
+    """
+    dt, pt = _tasks_of(dense_results), _tasks_of(pruned_results)
+    missing = sorted(set(dt) ^ set(pt))
+    rows = []
+    for task in [t for t in dt if t in pt]:
+        d, p = dt[task], pt[task]
+        m = primary_metric(task, d)
+        dv, pv = d.get(m), p.get(m)
+        ds, ps = d.get(f"{m}_stderr"), p.get(f"{m}_stderr")
+        r = _ratio(pv, dv)
+        rows.append({"task": task, "metric": m, "items": d.get("items"), "dense": dv, "dense_stderr": ds,
+                     "pruned": pv, "pruned_stderr": ps, "retention": r,
+                     "retention_stderr": _ratio_se(pv, dv, ps, ds) if r is not None else None,
+                     "all_metrics": {"dense": {k: v for k, v in d.items() if isinstance(v, (int, float))},
+                                     "pruned": {k: v for k, v in p.items() if isinstance(v, (int, float))}}})
+    rets = [r["retention"] for r in rows if r["retention"] is not None]
+    summary: dict[str, Any] = {
+        "tasks": len(rows),
+        "mean_dense": _mean([r["dense"] for r in rows]),
+        "mean_pruned": _mean([r["pruned"] for r in rows]),
+        "mean_retention": _mean(rets),
+    }
+    ppl_rows = []
+    for label in (dense_ppl or {}):
+        if pruned_ppl and label in pruned_ppl:
+            d, p = dense_ppl[label], pruned_ppl[label]  # type: ignore[index]
+            ppl_rows.append({"label": label, "dense": d["ppl"], "pruned": p["ppl"], "ratio": p["ppl"] / d["ppl"],
+                             "protocol": {k: d.get(k) for k in ("seq_len", "stride", "windows", "tokens_scored",
+                                                                "dtype", "source")}})
+    models: dict[str, Any] = {}
+    if dense_model_stats and pruned_model_stats:
+        models = {"dense": dense_model_stats, "pruned": pruned_model_stats,
+                  "params_ratio": pruned_model_stats["params"] / dense_model_stats["params"],
+                  "bytes_ratio": pruned_model_stats["param_bytes"] / dense_model_stats["param_bytes"]}
+        dg, pg = dense_model_stats.get("generation"), pruned_model_stats.get("generation")
+        if dg and pg:
+            models["speedup"] = pg["tokens_per_s"] / dg["tokens_per_s"]
+    return {"summary": summary, "tasks": rows, "perplexity": ppl_rows, "agreement": agreement, "models": models,
+            "settings": {"dense": dense_results.get("settings"), "pruned": pruned_results.get("settings")},
+            "missing_tasks": missing, "meta": meta or {}}
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return sum(v) / len(v) if v else None
+
+
+def _f(x: float | None, nd: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _pm(x: float | None, s: float | None, nd: int = 4) -> str:
+    return _f(x, nd) + ("" if s is None else f" ± {s:.{nd}f}")
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (tasks, perplexity, agreement, size/speed) plus the settings that matter."""
+    lines = ["| task | metric | items | dense | pruned | retention |", "|---|---|---:|---:|---:|---:|"]
+    for r in report["tasks"]:
+        lines.append(f"| {r['task']} | {r['metric']} | {r['items'] if r['items'] is not None else ''} | "
+                     f"{_pm(r['dense'], r['dense_stderr'])} | {_pm(r['pruned'], r['pruned_stderr'])} | "
+                     f"{_pm(r['retention'], r['retention_stderr'], 3)} |")
+    s = report["summary"]
+    lines.append(f"| **mean ({s['tasks']} tasks)** | | | {_f(s['mean_dense'])} | {_f(s['mean_pruned'])} | "
+                 f"**{_f(s['mean_retention'], 3)}** |")
+    out = ["\n".join(lines)]
+    if report.get("perplexity"):
+        pl = ["| perplexity | seq_len | windows | tokens scored | dtype | dense | pruned | ratio |",
+              "|---|---:|---:|---:|---|---:|---:|---:|"]
+        for r in report["perplexity"]:
+            pr = r["protocol"]
+            pl.append(f"| {r['label']} | {pr['seq_len']} | {pr['windows']} | {pr['tokens_scored']} | {pr['dtype']} | "
+                      f"{r['dense']:.3f} | {r['pruned']:.3f} | {r['ratio']:.3f} |")
+        out.append("\n".join(pl))
+    a = report.get("agreement")
+    if a:
+        out.append("| data-free retention | value |\n|---|---:|\n"
+                   f"| KL(dense‖pruned), nats/token | {a['kl']:.4f} |\n"
+                   f"| top-1 agreement | {a['top1_agreement']:.4f} |\n"
+                   f"| positions (source: {a.get('source', '?')}) | {a['positions']} |")
+    mo = report.get("models")
+    if mo:
+        d, p = mo["dense"], mo["pruned"]
+        ml = ["| model | params | param bytes | generation tokens/s |", "|---|---:|---:|---:|",
+              f"| dense | {d['params']:,} | {d['param_bytes']:,} | {_f((d.get('generation') or {}).get('tokens_per_s'), 1)} |",
+              f"| pruned | {p['params']:,} | {p['param_bytes']:,} | {_f((p.get('generation') or {}).get('tokens_per_s'), 1)} |",
+              f"| pruned / dense | {mo['params_ratio']:.3f} | {mo['bytes_ratio']:.3f} | {_f(mo.get('speedup'), 3)} |"]
+        out.append("\n".join(ml))
+        g = d.get("generation")
+        if g:
+            out.append(f"Generation speed: {g['decoding']}, batch {g['batch']}, {g['prompt_tokens']}-token prompt, "
+                       f"{g['new_tokens']} new tokens, median of {g['repeats']} runs, {g['threads']} threads.")
+    st = (report.get("settings") or {}).get("pruned") or {}
+    if st:
+        out.append(f"Tasks: lm-eval {st.get('lm_eval')}, zero-shot, engine {st.get('engine')}, dtype {st.get('dtype')}, "
+                   f"blimp subset {st.get('blimp_per_paradigm')} items per paradigm."
+                   + (f" **{st['limit_note']}**" if st.get("limit_note") else ""))
+    if report.get("missing_tasks"):
+        out.append(f"Tasks in only one of the two runs (not compared): {', '.join(report['missing_tasks'])}")
+    return "\n\n".join(out) + "\n"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Print the Markdown tables (the end-of-run summary)."""
+    print(to_markdown(report), flush=True)
