@@ -1,45 +1,67 @@
-"""The whole pipeline, top to bottom: load -> collect -> (discover) -> score -> prune -> evaluate -> export.
+"""The pipeline, top to bottom: load -> collect -> discover -> score/plan -> prune -> evaluate -> export.
 
-Kept deliberately as one readable function: each step is a call into its stage package. The output directory is
-built under a hidden temporary name and renamed at the end, so a failed run leaves no partial output.
+Each step is one small function calling into its stage package, so the pipeline reads as a list. Activations
+(``collect``) and networks (``discover``) are cached by content, so re-running with another sparsity or method
+reuses them. Outputs are built under a hidden temporary name and renamed at the end: a failed run leaves no
+partial output directory.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fbnprune import __version__
-from fbnprune.arch import get_adapter
-from fbnprune.collect import collect, make_sequences
+from fbnprune.arch import MLPAdapter, get_adapter
+from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequences
 from fbnprune.collect.sources import DATA_FILES
 from fbnprune.errors import UserError
 from fbnprune.evaluate import next_token_agreement, perplexity
 from fbnprune.evaluate.ppl import token_stream
 from fbnprune.export.hf import atomic_dir, export_hf
-from fbnprune.models import load_model
+from fbnprune.models import LoadedModel, load_model
 from fbnprune.paths import data_dir
-from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
+from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, make_plan, score_neurons
 from fbnprune.prune.plan import count_params
 from fbnprune.recipe.load import dump_recipe
 from fbnprune.recipe.schema import Recipe
 
-log = logging.getLogger("fbnprune")
+STAGES = ("collect", "discover", "prune", "evaluate", "export")
 
 
 def say(msg: str) -> None:
     print(f"[fbnprune] {msg}", flush=True)
 
 
-def _needs_data(source: str) -> bool:
+def needs_data(source: str) -> bool:
     return source in DATA_FILES
+
+
+@dataclass
+class Run:
+    """What the stages hand to each other during one run."""
+
+    recipe: Recipe
+    lm: LoadedModel
+    adapter: MLPAdapter
+    have_data: bool
+    report: dict[str, Any] = field(default_factory=lambda: {"notes": []})
+    calib: TokenBatch | None = None
+    store: ActivationStore | None = None
+    networks: Any = None
+    plan: KeepPlan | None = None
+    dense: Any = None
+
+    def note(self, msg: str) -> None:
+        say(msg)
+        self.report["notes"].append(msg)
 
 
 def provenance(recipe: Recipe, model_info: dict[str, Any]) -> dict[str, Any]:
@@ -49,16 +71,15 @@ def provenance(recipe: Recipe, model_info: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip() or None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
     try:
-        import lm_eval
+        from importlib.metadata import version
 
-        lm_eval_version = getattr(lm_eval, "__version__", "unknown")
-    except ImportError:
+        lm_eval_version: str | None = version("lm_eval")
+    except Exception:  # not installed
         lm_eval_version = None
     return {
         "fbnprune": __version__,
@@ -67,124 +88,199 @@ def provenance(recipe: Recipe, model_info: dict[str, Any]) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "lm_eval": lm_eval_version,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
         "seed": recipe.seed,
         "model": model_info,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run ``recipe`` end to end; returns the report (also written as ``report.json``)."""
-    t_start = time.perf_counter()
+# ------------------------------------------------------------------------------------------------ stages
+def load(recipe: Recipe) -> Run:
     torch.manual_seed(recipe.seed)
-    out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
-    report: dict[str, Any] = {"recipe": recipe.name, "notes": []}
-
-    def note(msg: str) -> None:
-        say(msg)
-        report["notes"].append(msg)
-
     say(f"loading model {recipe.model.source!r} ({recipe.model.dtype})")
     lm = load_model(recipe.model.source, dtype=recipe.model.dtype, device=recipe.model.device)
-    model, tok = lm.model, lm.tokenizer
-    adapter = get_adapter(model)
-    have_data = data_dir() is not None
+    return Run(recipe=recipe, lm=lm, adapter=get_adapter(lm.model), have_data=data_dir() is not None)
 
-    # ---------------------------------------------------------------- collect
-    store = None
-    calib = None
-    if recipe.collect is not None:
-        c = recipe.collect
-        source = c.source
-        if _needs_data(source) and not have_data:
-            if not c.fallback:
-                raise UserError(f"collect.source {source!r} needs the data directory, and collect.fallback is off")
-            note(f"no data directory found: calibrating on {c.fallback!r} instead of {source!r} (data-free)")
-            source = c.fallback
-        calib = make_sequences(tok, source, n_tokens=c.n_tokens, seq_len=c.seq_len, mode=c.mode, seed=c.seed, model=model)
-        say(f"calibration: {calib.n_tokens} tokens from {calib.source} ({len(calib.sequences)} sequences)")
-        store = collect(model, calib, model_info=lm.info, batch_size=c.batch_size,
-                        keep_activations=c.keep_activations, drop_first=c.drop_first)
-        report["calibration"] = {"source": calib.source, "tokens": calib.n_tokens, "rows": store.n_rows,
-                                 "sha256": calib.sha256, "store": str(store.path)}
 
-    # ---------------------------------------------------------------- evaluation inputs, dense model
-    ev = recipe.evaluate
-    ppl_inputs: list[tuple[Any, torch.Tensor]] = []
-    held_out = None
-    if ev is not None:
-        for pc in ev.perplexity:
-            if _needs_data(pc.source) and not have_data:
-                note(f"no data directory: skipping perplexity on {pc.source!r}")
-                continue
-            ppl_inputs.append((pc, token_stream(tok, pc.source, pc.max_tokens)))
-        if ev.retention is not None:
-            rc = ev.retention
-            src = rc.source if (have_data or not _needs_data(rc.source)) else "self"
-            held_out = make_sequences(tok, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed, model=model)
-    dense = copy.deepcopy(model) if held_out is not None else None
-    dense_params = count_params(model)
-    results: dict[str, Any] = {"dense": {"params": dense_params}, "pruned": {}}
-    for pc, toks in ppl_inputs:
-        r = perplexity(model, toks, seq_len=pc.seq_len, batch_size=pc.batch_size, desc="dense perplexity")
-        results["dense"][f"ppl_{pc.source}_{pc.seq_len}"] = r
-        say(f"dense perplexity ({pc.source}, {r['windows']} windows x {pc.seq_len} tokens): {r['ppl']:.3f}")
+def collect_stage(r: Run) -> None:
+    c = r.recipe.collect
+    if c is None:
+        return
+    source = c.source
+    if needs_data(source) and not r.have_data:
+        if not c.fallback:
+            raise UserError(f"collect.source {source!r} needs the data directory, and collect.fallback is off")
+        r.note(f"no data directory found: calibrating on {c.fallback!r} instead of {source!r} (data-free)")
+        source = c.fallback
+    r.calib = make_sequences(r.lm.tokenizer, source, n_tokens=c.n_tokens, seq_len=c.seq_len, mode=c.mode,
+                             seed=c.seed, model=r.lm.model)
+    say(f"calibration: {r.calib.n_tokens} tokens from {r.calib.source} ({len(r.calib.sequences)} sequences)")
+    r.store = collect(r.lm.model, r.calib, model_info=r.lm.info, batch_size=c.batch_size,
+                      keep_activations=c.keep_activations, drop_first=c.drop_first)
+    r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, "rows": r.store.n_rows,
+                               "sha256": r.calib.sha256, "store": str(r.store.path)}
 
-    # ---------------------------------------------------------------- score, plan, prune
-    p = recipe.prune
-    ctx = ScoreContext(model=model, adapter=adapter, store=store,
-                       sequences=calib.sequences if calib is not None else None, seed=p.seed)
+
+def discover_stage(r: Run) -> None:
+    if r.recipe.prune.method != "fbn":
+        return
+    from fbnprune.discover import DiscoverConfig, run_discovery
+
+    if r.store is None:
+        raise UserError("prune.method fbn needs a collect section")
+    cfg = r.recipe.discover or DiscoverConfig()
+    r.networks = run_discovery(r.store, cfg)
+    s = r.networks.summary
+    say(f"networks: {s.get('runs_ok')} ICA run(s) ok, {s.get('runs_failed', 0)} failed -> {r.networks.path}")
+    r.report["networks"] = {"path": str(r.networks.path), "runs_ok": s.get("runs_ok"),
+                            "runs_failed": s.get("runs_failed")}
+
+
+def plan_stage(r: Run) -> KeepPlan:
+    p = r.recipe.prune
+    model = r.lm.model
+    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": p.sparsity}
+    if r.networks is not None:
+        options["networks"] = r.networks
+    ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,
+                       sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, options=options)
     scores = score_neurons(p.method, ctx)
-    plan = make_plan(scores, sparsity=p.sparsity, param_fraction=p.param_fraction, model=model, adapter=adapter,
-                     allocation=p.allocation, protected=p.protected_layers, min_width=p.min_width,
-                     round_to=p.round_to)
-    plan.info["method"] = p.method
-    if p.compensate == "bias":
-        from fbnprune.prune.compensate import bias_compensation_
+    protected = p.protected_layers
+    if protected == "auto":
+        from fbnprune.prune.protect import auto_protected_layers
 
-        assert store is not None
-        bias_compensation_(model, plan, store)
-    apply_plan_(model, plan, mode=p.mode)
-    pruned_params = count_params(model)
-    say(f"pruned with {p.method!r}: {plan.sparsity:.2%} of MLP neurons removed "
-        f"(widths {sorted(set(plan.kept_widths))}), params {dense_params:,} -> {pruned_params:,}")
-    results["pruned"]["params"] = pruned_params
-    results["plan"] = {k: v for k, v in plan.to_json().items() if k != "keep"}
+        if r.calib is None:
+            raise UserError("prune.protected_layers 'auto' needs calibration data (a collect section)")
+        protected, evidence = auto_protected_layers(model, r.calib.sequences)
+        r.report["protected_layers"] = evidence
+        say(f"protected layers (auto, from calibration loss): {protected}")
+    r.plan = make_plan(scores, sparsity=p.sparsity, param_fraction=p.param_fraction, model=model,
+                       adapter=r.adapter, allocation=p.allocation, protected=protected, min_width=p.min_width,
+                       round_to=p.round_to)
+    r.plan.info["method"] = p.method
+    return r.plan
 
-    # ---------------------------------------------------------------- evaluate pruned
+
+def prune_stage(r: Run) -> None:
+    """Compensate (optional) and apply the plan in place; the dense copy stays for retention metrics."""
+    from fbnprune.prune.compensate import compensate_
+
+    assert r.plan is not None
+    p = r.recipe.prune
+    before = count_params(r.lm.model)
+    kw = {"ridge": p.ridge} if p.compensate == "refit" else {}
+    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, **kw)
+    if comp:
+        r.report["compensation"] = comp
+    apply_plan_(r.lm.model, r.plan, mode=p.mode)
+    after = count_params(r.lm.model)
+    say(f"pruned with {p.method!r}{'' if p.compensate == 'none' else ' + ' + p.compensate}: "
+        f"{r.plan.sparsity:.2%} of MLP neurons removed (widths {sorted(set(r.plan.kept_widths))}), "
+        f"params {before:,} -> {after:,}")
+    r.report.setdefault("results", {})["plan"] = {k: v for k, v in r.plan.to_json().items() if k != "keep"}
+
+
+def _ppl_inputs(r: Run) -> list[tuple[Any, torch.Tensor]]:
+    ev = r.recipe.evaluate
+    out = []
+    for pc in ev.perplexity if ev else []:
+        if needs_data(pc.source) and not r.have_data:
+            r.note(f"no data directory: skipping perplexity on {pc.source!r}")
+            continue
+        out.append((pc, token_stream(r.lm.tokenizer, pc.source, pc.max_tokens)))
+    return out
+
+
+def evaluate_model(r: Run, model: Any, label: str, ppl_inputs: list[tuple[Any, torch.Tensor]]) -> dict[str, Any]:
+    ev = r.recipe.evaluate
+    res: dict[str, Any] = {"params": count_params(model)}
     for pc, toks in ppl_inputs:
-        r = perplexity(model, toks, seq_len=pc.seq_len, batch_size=pc.batch_size, desc="pruned perplexity")
-        results["pruned"][f"ppl_{pc.source}_{pc.seq_len}"] = r
-        say(f"pruned perplexity ({pc.source}, {r['windows']} windows x {pc.seq_len} tokens): {r['ppl']:.3f}")
-    if held_out is not None and dense is not None:
-        r = next_token_agreement(dense, model, held_out.sequences)
-        r["source"] = held_out.source
-        results["pruned"]["retention"] = r
-        say(f"data-free retention on {held_out.n_tokens} held-out tokens from {held_out.source}: "
-            f"KL(dense||pruned) = {r['kl']:.4f} nats/token, top-1 agreement = {r['top1_agreement']:.2%}")
-        del dense
+        out = perplexity(model, toks, seq_len=pc.seq_len, batch_size=pc.batch_size, desc=f"{label} perplexity")
+        res[f"ppl_{pc.source}_{pc.seq_len}"] = out
+        say(f"{label} perplexity ({pc.source}, {out['windows']} windows x {pc.seq_len} tokens): {out['ppl']:.3f}")
     if ev is not None and ev.tasks:
         from fbnprune.evaluate.harness import evaluate_tasks
 
-        results["tasks"] = evaluate_tasks(model, tok, ev.tasks, limit=ev.limit, batch_size=ev.batch_size)
-    report["results"] = results
-    report["provenance"] = provenance(recipe, lm.info)
-    report["seconds"] = round(time.perf_counter() - t_start, 1)
+        res["tasks"] = evaluate_tasks(model, r.lm.tokenizer, ev.tasks, limit=ev.limit, batch_size=ev.batch_size)
+    return res
 
-    # ---------------------------------------------------------------- write outputs atomically
+
+def retention_stage(r: Run) -> None:
+    ev = r.recipe.evaluate
+    if ev is None or ev.retention is None or r.dense is None:
+        return
+    rc = ev.retention
+    src = rc.source if (r.have_data or not needs_data(rc.source)) else "self"
+    held = make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed, model=r.dense)
+    out = next_token_agreement(r.dense, r.lm.model, held.sequences)
+    out["source"] = held.source
+    r.report["results"]["pruned"]["retention"] = out
+    say(f"data-free retention on {held.n_tokens} held-out tokens from {held.source}: "
+        f"KL(dense||pruned) = {out['kl']:.4f} nats/token, top-1 agreement = {out['top1_agreement']:.2%}")
+
+
+def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
+    recipe = r.recipe
+    export = recipe.export is not None and recipe.export.enabled and "export" in stages
+    if export and recipe.prune.mode != "slice":
+        r.note("prune.mode is 'mask': no compressed checkpoint is exported (masks save nothing)")
+        export = False
+
     def write(tmp: Path) -> None:
         (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        plan.save(tmp / "keep_plan.json")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        if recipe.export is not None and recipe.export.enabled and p.mode == "slice":
-            export_hf(model, tok, tmp / recipe.export.subdir,
-                      extra_json={"fbnprune_provenance.json": report["provenance"],
-                                  "fbnprune_keep_plan.json": plan.to_json()},
+        if r.plan is not None:
+            r.plan.save(tmp / "keep_plan.json")
+        (tmp / "report.json").write_text(json.dumps(r.report, indent=2, default=str))
+        if export:
+            export_hf(r.lm.model, r.lm.tokenizer, tmp / recipe.export.subdir,
+                      extra_json={"fbnprune_provenance.json": r.report["provenance"],
+                                  "fbnprune_keep_plan.json": r.plan.to_json() if r.plan else None},
                       extra_text={"fbnprune_recipe.yaml": dump_recipe(recipe)})
 
     atomic_dir(out, write)
     say(f"wrote {out}/ (report.json, keep_plan.json, recipe.yaml"
-        + (f", {recipe.export.subdir}/ stock-loadable checkpoint" if recipe.export and recipe.export.enabled and p.mode == 'slice' else "")
-        + f") in {report['seconds']} s")
-    return report
+        + (f", {recipe.export.subdir}/ checkpoint" if export else "") + f") in {r.report['seconds']} s")
+
+
+def run(
+    recipe: Recipe, output_dir: str | Path | None = None, until: str = "export", evaluate: bool = True
+) -> dict[str, Any]:
+    """Run ``recipe`` up to and including stage ``until``; returns the report (also written as report.json).
+
+    ``until="collect"`` or ``"discover"`` only fill the caches (nothing is written to the output directory);
+    ``"prune"`` writes the keep plan; ``"evaluate"`` adds the evaluation; ``"export"`` (default) does everything
+    (``evaluate=False`` skips the evaluation, for a quick export).
+    """
+    if until not in STAGES:
+        raise UserError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    stages = set(STAGES[: STAGES.index(until) + 1])
+    if not evaluate:
+        stages.discard("evaluate")
+    t0 = time.perf_counter()
+    out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
+    r = load(recipe)
+    r.report["recipe"] = recipe.name
+    collect_stage(r)
+    discover_stage(r)
+    if until in ("collect", "discover"):
+        r.report["seconds"] = round(time.perf_counter() - t0, 1)
+        return r.report
+    plan_stage(r)
+    evaluating = "evaluate" in stages and recipe.evaluate is not None
+    ppl_inputs = _ppl_inputs(r) if evaluating else []
+    results = r.report.setdefault("results", {})
+    if evaluating:
+        results["dense"] = evaluate_model(r, r.lm.model, "dense", ppl_inputs)
+        if recipe.evaluate.retention is not None:
+            r.dense = copy.deepcopy(r.lm.model)
+    if "prune" in stages:
+        prune_stage(r)
+    if evaluating:
+        results["pruned"] = evaluate_model(r, r.lm.model, "pruned", ppl_inputs)
+        retention_stage(r)
+        r.dense = None
+    r.report["provenance"] = provenance(recipe, r.lm.info)
+    r.report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_outputs(r, out, stages)
+    return r.report

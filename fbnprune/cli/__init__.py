@@ -18,6 +18,8 @@ EPILOG = """examples:
   python -m fbnprune run quickstart prune.sparsity=0.3 output_dir=outputs/q30
   python -m fbnprune validate my.yaml                 check a recipe, report every error
   python -m fbnprune cp quickstart ./mine.yaml        copy a bundled recipe to edit
+  python -m fbnprune discover quickstart prune.method=fbn collect.keep_activations=true
+                                                      stage commands: collect, discover, prune, evaluate, export
 """
 
 
@@ -26,7 +28,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fbnprune.run import run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, output_dir=args.output)
+    report = run(recipe, output_dir=args.output, until=args.until, evaluate=args.evaluate)
+    if args.until == "collect" and "calibration" in report:
+        print(f"activations: {report['calibration']['store']}")
+    if args.until == "discover" and "networks" in report:
+        print(f"networks: {report['networks']['path']}")
     return 0
 
 
@@ -84,11 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    r = sub.add_parser("run", help="run a recipe end to end")
-    r.add_argument("recipe", help="recipe file or bundled recipe name")
-    r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
-    r.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
-    r.set_defaults(func=_cmd_run)
+    stage_help = {
+        "run": "run a recipe end to end",
+        "collect": "only capture calibration activations (cached for later stages)",
+        "discover": "collect, then find functional networks (both cached)",
+        "prune": "collect/discover (cached), score and write the keep plan",
+        "evaluate": "prune and evaluate dense vs pruned, without exporting",
+        "export": "prune and export the slim checkpoint, without evaluating",
+    }
+    for verb, help_text in stage_help.items():
+        r = sub.add_parser(verb, help=help_text)
+        r.add_argument("recipe", help="recipe file or bundled recipe name")
+        r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
+        r.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
+        r.set_defaults(func=_cmd_run, until="export" if verb == "run" else verb, evaluate=verb != "export")
 
     v = sub.add_parser("validate", help="validate a recipe and report every error")
     v.add_argument("recipe")

@@ -41,22 +41,29 @@ class CollectConfig(Strict):
 
 class PruneConfig(Strict):
     method: str = "wanda_sp"
+    fbn_rule: Literal["max_z", "recurrence", "max_z_x_recurrence"] = Field(
+        "max_z", description="how the fbn method turns networks into neuron scores"
+    )
     sparsity: float | None = Field(0.2, ge=0.0, lt=1.0, description="fraction of MLP neurons removed")
     param_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="or: fraction of all parameters")
     allocation: Literal["uniform", "global"] = "uniform"
     mode: Literal["slice", "mask"] = "slice"
-    protected_layers: list[int] = Field(default_factory=list)
+    protected_layers: list[int] | Literal["auto"] = Field(
+        default_factory=list, description="layers never pruned; 'auto' = those whose MLP the model can least lose"
+    )
     min_width: int = Field(8, ge=1)
     round_to: int = Field(8, ge=1)
-    compensate: Literal["none", "bias"] = "none"
+    compensate: Literal["none", "bias", "refit"] = Field(
+        "none", description="bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias"
+    )
+    ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit compensation")
     seed: int = 0
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from fbnprune.prune.scorers import SCORERS
-
         from fbnprune.errors import UserError
+        from fbnprune.prune.scorers import SCORERS
 
         try:
             SCORERS.canonical(v)
@@ -102,6 +109,9 @@ class ExportConfig(Strict):
     subdir: str = "model"
 
 
+from fbnprune.discover.config import DiscoverConfig  # noqa: E402  (a stage section like the others)
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
@@ -109,6 +119,7 @@ class Recipe(Strict):
     seed: int = 0
     model: ModelConfig
     collect: CollectConfig | None = Field(default_factory=CollectConfig)
+    discover: DiscoverConfig | None = Field(None, description="ICA settings for prune.method fbn (default settings if omitted)")
     prune: PruneConfig = Field(default_factory=PruneConfig)
     evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
     export: ExportConfig | None = Field(default_factory=ExportConfig)
@@ -117,9 +128,17 @@ class Recipe(Strict):
     def _cross_stage(self) -> Recipe:
         from fbnprune.prune.scorers import SCORERS
 
-        needs_acts = SCORERS.canonical(self.prune.method) in ("wanda_sp", "flap", "fbn")
-        if needs_acts and self.collect is None:
-            raise ValueError(f"prune.method {self.prune.method!r} needs activations: add a collect section")
-        if self.prune.compensate == "bias" and self.collect is None:
-            raise ValueError("prune.compensate 'bias' needs calibration statistics: add a collect section")
+        method = SCORERS.canonical(self.prune.method)
+        if method in ("wanda_sp", "flap", "fbn", "obs", "taylor") and self.collect is None:
+            raise ValueError(f"prune.method {self.prune.method!r} needs calibration data: add a collect section")
+        if self.prune.compensate != "none" and self.collect is None:
+            raise ValueError(f"prune.compensate {self.prune.compensate!r} needs calibration statistics: add a collect section")
+        if self.collect is not None and not self.collect.keep_activations:
+            if method in ("fbn", "obs") or self.prune.compensate == "refit":
+                raise ValueError(
+                    f"prune.method {self.prune.method!r} / compensate {self.prune.compensate!r} need stored "
+                    "activations: set collect.keep_activations: true"
+                )
+        if self.discover is not None and method != "fbn":
+            raise ValueError("a discover section is only used by prune.method fbn")
         return self

@@ -68,3 +68,12 @@ def test_module_entry_point_exit_code():
     assert r.stderr.strip().startswith("fbnprune: error: unknown built-in model 'nope'")
     r = subprocess.run([sys.executable, "-m", "fbnprune", "bogus"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
+
+
+def test_stage_commands_are_listed(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("run", "collect", "discover", "prune", "evaluate", "export", "validate", "recipes", "cp"):
+        assert verb in out

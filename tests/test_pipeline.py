@@ -1,0 +1,114 @@
+"""The whole pipeline on a tiny local model and text files: every method, stage and compensation runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from fbnprune.cli import main
+from fbnprune.recipe import load_recipe
+from fbnprune.run import run
+from tests.conftest import tiny_model
+
+WORDS = "the a of and to in is was for on that with as by at from his her it an were are which this be".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    """A saved tiny Llama with a word-level tokenizer, plus calibration and evaluation text files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    model = tiny_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("calib.txt", 120), ("eval.txt", 60)):
+        lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(n)]
+        (root / name).write_text("\n".join(lines))
+    return root
+
+
+def recipe_file(env, tmp_path, **prune):
+    data = {
+        "name": "tiny",
+        "model": {"source": str(env / "model")},
+        "collect": {"source": str(env / "calib.txt"), "n_tokens": 512, "seq_len": 32, "keep_activations": True},
+        "prune": {"method": "wanda_sp", "sparsity": 0.25, **prune},
+        "evaluate": {"perplexity": [{"source": str(env / "eval.txt"), "seq_len": 32, "max_tokens": 512}],
+                     "retention": {"source": str(env / "eval.txt"), "n_tokens": 128, "seq_len": 32}},
+    }
+    if prune.get("method") == "fbn":
+        data["discover"] = {"n_components": 8, "n_restarts": 2, "block_texts": None, "block_rows": 128}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    "prune",
+    [
+        {"method": "random"},
+        {"method": "magnitude"},
+        {"method": "wanda_sp"},
+        {"method": "flap", "compensate": "bias"},
+        {"method": "taylor"},
+        {"method": "obs", "compensate": "refit"},
+        {"method": "fbn"},
+        {"method": "fbn", "fbn_rule": "recurrence", "allocation": "global"},
+    ],
+    ids=lambda d: "-".join(str(v) for v in d.values()),
+)
+def test_every_method_end_to_end(tiny_env, tmp_path, prune):
+    out = tmp_path / "out"
+    report = run(load_recipe(recipe_file(tiny_env, tmp_path, **prune)), output_dir=out)
+    res = report["results"]
+    key = "ppl_" + str(tiny_env / "eval.txt") + "_32"
+    assert res["dense"][key]["windows"] == 16 and res["pruned"][key]["tokens_scored"] == 16 * 31
+    assert res["pruned"]["params"] < res["dense"]["params"]
+    assert res["pruned"][key]["ppl"] != res["dense"][key]["ppl"]
+    assert 0 <= res["pruned"]["retention"]["kl"] and 0 <= res["pruned"]["retention"]["top1_agreement"] <= 1
+    plan = json.loads((out / "keep_plan.json").read_text())
+    assert abs(plan["sparsity"] - 0.25) < 0.07
+    uniform = prune.get("allocation", "uniform") == "uniform"
+    assert (out / "model" / "config.json").is_file() == uniform or prune.get("allocation") == "global"
+
+
+def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):
+    rf = recipe_file(tiny_env, tmp_path, method="fbn")
+    assert main(["collect", str(rf)]) == 0
+    store = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    assert main(["discover", str(rf)]) == 0
+    nets = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    def cached():
+        return sorted(str(p.relative_to(tmp_path)) for sub in ("activations", "networks")
+                      for p in (tmp_path / "cache" / sub).iterdir())
+
+    before = cached()
+    assert len(before) == 2
+    out = tmp_path / "p"
+    assert main(["prune", str(rf), "prune.sparsity=0.5", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert nets in printed or "networks:" in printed
+    assert json.loads((out / "keep_plan.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.07)
+    assert not (out / "model").exists()  # prune stage writes the plan, not a checkpoint
+    assert any(store.endswith(c) for c in before) and any(nets.endswith(c) for c in before)
+    assert cached() == before  # another sparsity: nothing new collected or discovered
+    assert main(["export", str(rf), "-o", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "model" / "config.json").is_file()
+    assert "dense" not in json.loads((tmp_path / "e" / "report.json").read_text()).get("results", {})
