@@ -43,6 +43,11 @@ class DiscoverConfig(BaseModel):
     vary_seed: bool = Field(False, description="use seed + run index (the reference reuses one seed)")
     max_retries: int = Field(2, ge=0, description="a failed run is retried with another seed this many times")
     window: int = Field(1, gt=0, description="consecutive layers per ICA (1 = single-layer ICA)")
+    solver: Literal["picard-o", "fastica"] = Field(
+        "picard-o",
+        description="torch backend: picard-o (quasi-Newton, same objective, far fewer iterations) or fastica "
+        "(the fixed-point iteration scikit-learn runs)",
+    )
     backend: Literal["torch", "sklearn", "picard"] = Field("torch", description="sklearn/picard: CPU reference solvers")
     device: str = Field("cpu", description="torch device for the torch backend (cpu, cuda, cuda:1, ...)")
     dtype: Literal["float32", "float64"] = Field("float32", description="ICA precision of the torch backend")

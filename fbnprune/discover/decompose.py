@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fbnprune.discover.fastica import fastica_parallel, whiten_features
+from fbnprune.discover.fastica import fastica_parallel, picard_orthogonal, whiten_features
 from fbnprune.errors import UserError
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -149,6 +149,7 @@ def ica_torch(
     tol: float,
     dtype: str = "float32",
     device: str = "cpu",
+    solver: str = "picard-o",
 ) -> list[ICAOutcome]:
     """FastICA with restarts for several datasets at once: all restarts of all datasets iterate as one batch."""
     tdt = TORCH_DTYPES[dtype]
@@ -160,10 +161,15 @@ def ica_torch(
     n_data = x1.shape[0]
     w0 = torch.from_numpy(initial_unmixing(seed, n_restarts, k)).to(device=device, dtype=tdt)
     index = torch.arange(n_data, device=device).repeat_interleave(n_restarts)
-    res = fastica_parallel(
-        x1, w0.repeat(n_data, 1, 1), index=index, fun=fun, max_iter=max_iter, tol=tol,
-        decorrelation="eigh" if tdt == torch.float64 else "ns",
-    )
+    if solver == "picard-o":
+        res = picard_orthogonal(x1, w0.repeat(n_data, 1, 1), index=index, fun=fun, max_iter=max_iter, tol=tol)
+    elif solver == "fastica":
+        res = fastica_parallel(
+            x1, w0.repeat(n_data, 1, 1), index=index, fun=fun, max_iter=max_iter, tol=tol,
+            decorrelation="eigh" if tdt == torch.float64 else "ns",
+        )
+    else:
+        raise UserError(f"unknown ICA solver {solver!r}; choose picard-o or fastica")
     out: list[ICAOutcome] = []
     for i, b in enumerate(blocks):
         sl = slice(i * n_restarts, (i + 1) * n_restarts)
@@ -272,6 +278,7 @@ def decompose(
     backend: str = "torch",
     dtype: str = "float32",
     device: str = "cpu",
+    solver: str = "picard-o",
 ) -> list[ICAOutcome]:
     """ICA with restarts and sparsest-restart selection for every block, with the chosen backend."""
     if backend == "torch":  # one batch per data shape (layers of different widths cannot be stacked)
@@ -280,7 +287,7 @@ def decompose(
         for shape in dict.fromkeys(shape_of):
             idx = [i for i, s in enumerate(shape_of) if s == shape]
             res = ica_torch([blocks[i] for i in idx], temporal=temporal, n_restarts=n_restarts, seed=seed, fun=fun,
-                            max_iter=max_iter, tol=tol, dtype=dtype, device=device)
+                            max_iter=max_iter, tol=tol, dtype=dtype, device=device, solver=solver)
             for i, r in zip(idx, res, strict=True):
                 out[i] = r
         return [o for o in out if o is not None]

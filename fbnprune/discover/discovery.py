@@ -121,7 +121,7 @@ def _decompose_run(pcas: list[PCABlock], cfg: DiscoverConfig, seed: int) -> list
         outs += decompose(
             pcas[c : c + per_chunk], temporal=cfg.method == "fastica", n_restarts=cfg.n_restarts, seed=seed,
             fun=cfg.fun, max_iter=cfg.max_iter, tol=cfg.tol, backend=cfg.backend, dtype=cfg.dtype,
-            device=cfg.device,
+            device=cfg.device, solver=cfg.solver,
         )
     return outs
 

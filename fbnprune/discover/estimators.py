@@ -31,6 +31,7 @@ class _ICABase:
         tol: float = 1e-4,
         random_state: int = 327,
         backend: str = "torch",
+        solver: str = "picard-o",
         dtype: str = "float32",
         device: str = "cpu",
         pca_iters: int = 4,
@@ -43,13 +44,14 @@ class _ICABase:
         self.tol = tol
         self.random_state = random_state
         self.backend = backend
+        self.solver = solver
         self.dtype = dtype
         self.device = device
         self.pca_iters = pca_iters
         self.ddof = ddof
 
     def get_params(self) -> dict[str, Any]:
-        keys = ("n_components", "n_restarts", "fun", "max_iter", "tol", "random_state", "backend", "dtype",
+        keys = ("n_components", "n_restarts", "fun", "max_iter", "tol", "random_state", "backend", "solver", "dtype",
                 "device", "pca_iters", "ddof")
         return {k: getattr(self, k) for k in keys}
 
@@ -80,6 +82,7 @@ class _ICABase:
         (out,) = decompose(
             [pca], temporal=self._method == "fastica", n_restarts=cfg.n_restarts, seed=cfg.seed, fun=cfg.fun,
             max_iter=cfg.max_iter, tol=cfg.tol, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
+            solver=cfg.solver,
         )
         if out.maps is None:
             raise RuntimeError(f"every FastICA restart overflowed (fun={cfg.fun!r}); try fun='logcosh'")

@@ -95,9 +95,9 @@ def fastica_parallel(
     converged = torch.zeros(n_prob, dtype=torch.bool)
     finite = torch.ones(n_prob, dtype=torch.bool)
     active = torch.arange(n_prob, device=x.device)
+    xa = x[index]  # data of the active problems, re-gathered only when the active set shrinks
     for it in range(max_iter):
         wa = w[active]
-        xa = x[index[active]]
         y = wa @ xa
         gy, gp = contrast(y, fun)
         w1 = (gy @ xa.mT) / n - gp.unsqueeze(-1) * wa
@@ -115,6 +115,7 @@ def fastica_parallel(
             active = active[~stop]
             if active.numel() == 0:
                 break
+            xa = xa[~stop]
     return ICAResult(w=w, n_iter=n_iter, converged=converged, finite=finite)
 
 
@@ -138,3 +139,163 @@ def whiten_features(xt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     n = xt.shape[-1]
     x1 = (u.mT @ xc) / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(-1) * (n**0.5)
     return x1, u, d, mean.squeeze(-1)
+
+
+def _contrast_full(y: torch.Tensor, fun: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``G(y)``, ``g(y) = G'(y)`` and ``g'(y)`` elementwise, for the FastICA contrasts."""
+    if fun == "cube":
+        y2 = y * y
+        return 0.25 * y2 * y2, y2 * y, 3.0 * y2
+    if fun == "logcosh":
+        t = torch.tanh(y)
+        a = y.abs()
+        return a + torch.log1p(torch.exp(-2.0 * a)) - 0.6931471805599453, t, 1.0 - t * t
+    if fun == "exp":
+        y2 = y * y
+        e = torch.exp(-0.5 * y2)
+        return -e, y * e, (1.0 - y2) * e
+    raise ValueError(f"unknown FastICA contrast {fun!r}; choose one of {FUNS}")
+
+
+def _cayley(d: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``(I - D/2)^{-1} (I + D/2)`` of a batch of skew-symmetric ``D`` (a retraction: exp(D) to 2nd order)."""
+    eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
+    return torch.linalg.solve(eye - 0.5 * d, eye + 0.5 * d)
+
+
+def picard_orthogonal(
+    x: torch.Tensor,
+    w_init: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
+    fun: str = "cube",
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    memory: int = 7,
+    ls_tries: int = 10,
+    lambda_min: float = 0.01,
+    reorth_every: int = 10,
+) -> ICAResult:
+    """Picard-O (Ablin, Cardoso & Gramfort, "Faster ICA under orthogonal constraint", ICASSP 2018) for a batch.
+
+    It optimises the same objective as symmetric FastICA with contrast ``G`` (stationary points of
+    ``sum_i s_i E[G(y_i)]`` over orthogonal ``W``, with the sign ``s_i = sign(E[y g(y)] - E[g'(y)])`` re-estimated
+    every step, which is FastICA's implicit choice), but with quasi-Newton steps: the gradient on the orthogonal
+    group is preconditioned by the Hessian's value at independence (``a_i + a_j`` for the rotation in plane
+    ``(i, j)``, ``a_i = |E[y g] - E[g']|``), refined by L-BFGS, and a backtracking line search along a Cayley curve.
+    It starts from the same orthogonalised ``w_init`` as FastICA. Stops when the Newton step would rotate every
+    plane by less than ``sqrt(2 tol)`` rad: FastICA's ``tol`` bounds ``1 - |cos|`` of the angle each row turns by
+    in one update, i.e. the same ``sqrt(2 tol)`` rad. Near the optimum this solver converges superlinearly, so at
+    the same ``tol`` it stops nearer the fixed point than linearly-converging FastICA does.
+
+    Arguments as :func:`fastica_parallel`.
+    """
+    n_prob, k = w_init.shape[0], w_init.shape[-1]
+    dev, dt = x.device, x.dtype
+    if index is None:
+        index = torch.arange(n_prob, device=dev)
+    n = x.shape[-1]
+    step_tol = (2.0 * tol) ** 0.5
+    w_out = sym_decorrelation(w_init.to(dt), "ns")
+    n_iter = torch.full((n_prob,), max_iter, dtype=torch.long)
+    converged = torch.zeros(n_prob, dtype=torch.bool)
+    finite = torch.ones(n_prob, dtype=torch.bool)
+    # state of the active problems (compacted whenever problems finish)
+    act = torch.arange(n_prob, device=dev)
+    xa = x[index]
+    w = w_out.clone()
+    y = w @ xa
+    s_mem = torch.zeros(n_prob, memory, k, k, dtype=dt, device=dev)
+    y_mem = torch.zeros_like(s_mem)
+    rho = torch.zeros(n_prob, memory, dtype=dt, device=dev)
+    ptr = 0
+    prev_grad = torch.zeros(n_prob, k, k, dtype=dt, device=dev)
+    prev_step = torch.zeros_like(prev_grad)
+    have_prev = torch.zeros(n_prob, dtype=torch.bool, device=dev)
+    prev_sign = torch.ones(n_prob, k, dtype=dt, device=dev)
+
+    def loss_of(yy: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        big_g, _, _ = _contrast_full(yy, fun)
+        return -(sign * big_g.mean(-1)).sum(-1)
+
+    for it in range(max_iter):
+        if it and it % reorth_every == 0:  # undo rounding drift of the accumulated rotations
+            w = sym_decorrelation(w, "ns")
+            y = w @ xa
+        big_g, g, gp = _contrast_full(y, fun)
+        sign = torch.sign((y * g).mean(-1) - gp.mean(-1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        a = sign * ((y * g).mean(-1) - gp.mean(-1))  # = |E[y g] - E[g']|
+        m = (-(sign.unsqueeze(-1) * g)) @ y.mT / n  # E[phi(y) y^T], phi = -s g
+        grad = m - m.mT
+        h = (a.unsqueeze(-1) + a.unsqueeze(-2)).clamp_min(lambda_min)
+        newton = grad / h
+        step_size = newton.abs().flatten(1).amax(-1)
+        ok = torch.isfinite(grad).flatten(1).all(-1)
+        done = (step_size < step_tol) & ok
+        # L-BFGS memory: the pair from the previous accepted step; reset where the signs flipped
+        flipped = (sign != prev_sign).any(-1)
+        yk = grad - prev_grad
+        sy = (prev_step * yk).sum((-1, -2))
+        good = have_prev & ~flipped & (sy > 1e-12)
+        s_mem[:, ptr] = torch.where(good[:, None, None], prev_step, torch.zeros_like(prev_step))
+        y_mem[:, ptr] = torch.where(good[:, None, None], yk, torch.zeros_like(yk))
+        rho[:, ptr] = torch.where(good, 1.0 / sy.clamp_min(1e-12), torch.zeros_like(sy))
+        reset = flipped
+        rho[reset] = 0.0
+        ptr = (ptr + 1) % memory
+        order = [(ptr - 1 - j) % memory for j in range(memory)]  # newest first
+        q = grad.clone()
+        alphas = []
+        for j in order:
+            al = rho[:, j] * (s_mem[:, j] * q).sum((-1, -2))
+            q = q - al[:, None, None] * y_mem[:, j]
+            alphas.append(al)
+        r = q / h
+        for j, al in zip(reversed(order), reversed(alphas), strict=True):
+            be = rho[:, j] * (y_mem[:, j] * r).sum((-1, -2))
+            r = r + (al - be)[:, None, None] * s_mem[:, j]
+        direction = -r
+        # fall back to the preconditioned gradient where L-BFGS does not give a descent direction
+        descent = (direction * grad).sum((-1, -2)) < 0
+        direction = torch.where(descent[:, None, None], direction, -newton)
+        cur = -(sign * big_g.mean(-1)).sum(-1)
+        # backtracking line search, all problems at once
+        alpha = torch.ones(direction.shape[0], dtype=dt, device=dev)
+        accepted = torch.zeros_like(done)
+        new_w, new_y = w.clone(), y.clone()
+        searching = ~done & ok
+        for _ in range(ls_tries):
+            if not bool(searching.any()):
+                break
+            sel = searching.nonzero().flatten()
+            rot = _cayley(alpha[sel, None, None] * direction[sel])
+            y_try = rot @ y[sel]
+            better = loss_of(y_try, sign[sel]) < cur[sel]
+            take = sel[better]
+            new_w[take] = rot[better] @ w[take]
+            new_y[take] = y_try[better]
+            accepted[take] = True
+            searching[take] = False
+            alpha[sel[~better]] *= 0.5
+        stuck = ~done & ok & ~accepted  # no decrease along the search direction: at the solver's precision floor
+        prev_step = alpha[:, None, None] * direction
+        prev_grad, prev_sign = grad, sign
+        have_prev = accepted
+        w, y = new_w, new_y
+        stop = done | stuck | ~ok
+        if bool(stop.any()):
+            ended = act[stop].cpu()
+            w_out[ended] = torch.where(ok[stop][:, None, None], w[stop], w_out[ended].to(dev)).to(w_out.dtype)
+            n_iter[ended] = it + 1
+            converged[ended] = done[stop].cpu()
+            finite[ended] = ok[stop].cpu()
+            keep = ~stop
+            act, xa, w, y = act[keep], xa[keep], w[keep], y[keep]
+            s_mem, y_mem, rho = s_mem[keep], y_mem[keep], rho[keep]
+            prev_grad, prev_step, have_prev, prev_sign = prev_grad[keep], prev_step[keep], have_prev[keep], prev_sign[keep]
+            if act.numel() == 0:
+                break
+    if act.numel():
+        w_out[act.cpu()] = w
+    return ICAResult(w=w_out, n_iter=n_iter, converged=converged, finite=finite)

@@ -32,7 +32,7 @@ def test_seeds_match_the_reference_draw():
 def test_float64_torch_follows_sklearn_exactly():
     """Same data, same w_init: the torch solver in float64 takes the same iterations and lands on the same maps."""
     x, _ = planted(t=1500, n=300, groups=6, size=10, noise=0.3, seed=3)
-    a = CanICA(n_components=8, n_restarts=3, backend="torch", dtype="float64").fit(x)
+    a = CanICA(n_components=8, n_restarts=3, backend="torch", solver="fastica", dtype="float64").fit(x)
     b = CanICA(n_components=8, n_restarts=3, backend="sklearn").fit(x)
     assert a.n_iter_ == b.n_iter_
     assert a.chosen_restart_ == b.chosen_restart_
@@ -72,7 +72,7 @@ def test_nonconvergence_is_reported_and_overflow_marks_failure():
 @pytest.mark.parametrize("fun", ["cube", "logcosh", "exp"])
 def test_temporal_ica_torch_and_sklearn_agree(fun):
     x, _ = planted(t=1500, n=120, groups=4, size=10, noise=0.2, seed=6)
-    a = TemporalICA(n_components=4, n_restarts=1, fun=fun, dtype="float64").fit(x)
+    a = TemporalICA(n_components=4, n_restarts=1, fun=fun, solver="fastica", dtype="float64").fit(x)
     b = TemporalICA(n_components=4, n_restarts=1, fun=fun, backend="sklearn").fit(x)
     corr = (a.components_.double() @ b.components_.double().T) / x.shape[1]
     assert corr.abs().amax(1).min() > 0.999
