@@ -1,0 +1,231 @@
+"""Functional-network pruning rules studied in ``benchmarks/fbn_rules`` (issue 9; see ``docs/fbn-study.md``).
+
+The naive ``fbn`` rule (keep the neurons with the largest z-scored ICA loading) ignores how much a neuron
+contributes to the layer output, and loses badly to activation-weighted scores. When the kept down-projection
+columns are re-fitted (``refit`` compensation), the question becomes which neurons the re-fit can absorb, and the
+structured OBS scorer (``obs``) answers it from the full activation Gram matrix. The rules here put functional
+networks on top of that selection in the places where they could add information the Gram matrix of one
+calibration set does not hold:
+
+* ``fbn_obs``: OBS elimination with each neuron's removal cost scaled by ``1 + beta * r_j``, where ``r_j`` is the
+  neuron's network recurrence (fraction of discovery runs in which it is a member of some network at tau). Members
+  of networks that recur across disjoint calibration blocks are protected in proportion to their stability.
+  ``beta = 0`` is exactly ``obs``. Options: ``fbn_beta`` (1.0), ``fbn_signal`` (``recurrence`` | ``max_z``: the
+  weight is then ``max_z / max over the layer``), plus the ``obs`` options (``sparsity``, ``obs_steps``, ``ridge``).
+* ``fbn_alloc``: non-uniform layer widths from the network density of each layer (mean recurrence over the
+  layer's neurons), OBS order inside each layer. Layer ``i`` keeps ``n (1 - s) (1 + gamma z_i)`` neurons (``z_i``:
+  standardised density, clipped so every layer keeps between ``fbn_alloc_min`` (0.2) and all of its neurons),
+  rescaled to the budget. ``gamma > 0`` keeps more of the dense layers, ``gamma < 0`` fewer. The scores are
+  ``k_i - rank`` (positive exactly for the neurons the layer keeps), so use them with ``allocation: global`` and
+  ``normalize: none``. Options: ``fbn_gamma`` (0.25), ``fbn_alloc_min`` (0.2), ``sparsity``, ``obs_steps``,
+  ``ridge``.
+* ``obs_global``: the control for ``fbn_alloc`` without networks: the same ``k_i - rank`` construction with the
+  widths chosen by one ranking of OBS removal costs across layers (the costs are squared output errors in the
+  shared residual space, so they are comparable across layers without normalisation).
+
+Networks come from ``options["networks"]`` or :func:`fbnprune.discover.run_discovery` (cached), as for ``fbn``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from fbnprune.errors import UserError
+from fbnprune.prune.fbn import _networks
+from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.obs import _damped_inverse
+from fbnprune.prune.scorers import SCORERS, ScoreContext
+
+
+def weighted_obs_order(
+    g: torch.Tensor, w: torch.Tensor, n_keep: int, weight: torch.Tensor | None = None, steps: int = 10,
+    ridge: float = 1e-3,
+) -> torch.Tensor:
+    """Iterative structured OBS elimination with per-neuron cost multipliers (``weight`` >= 0; None = all 1).
+
+    Same contract as :func:`fbnprune.prune.obs.obs_order`: returns a strictly increasing running maximum of the
+    (weighted) removal cost in elimination order, so removing a prefix reproduces the rounds.
+    """
+    n = w.shape[1]
+    weight = torch.ones(n, dtype=torch.float64) if weight is None else weight.double()
+    if weight.shape != (n,) or not torch.isfinite(weight).all() or (weight < 0).any():
+        raise UserError("weighted OBS: weights must be finite, non-negative, one per neuron")
+    n_keep = min(max(int(n_keep), 1), n)
+    rhs_all = g[:, :n] @ w.T
+    alive = torch.ones(n, dtype=torch.bool)
+    score = torch.empty(n, dtype=torch.float64)
+    prev = -math.inf
+    n_drop = n - n_keep
+    bounds = [round(n_drop * (t + 1) / steps) for t in range(steps)] if n_drop else []
+    done = 0
+
+    def costs() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
+        inv = _damped_inverse(g, idx, ridge)
+        x = inv @ rhs_all[idx]
+        c = (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
+        return idx[:-1], c * weight[idx[:-1]]
+
+    def assign(cols: torch.Tensor, cost: torch.Tensor) -> None:
+        nonlocal prev
+        for j in torch.argsort(cost, stable=True).tolist():
+            v = max(float(cost[j]), prev)
+            if v <= prev:
+                v = math.nextafter(prev, math.inf)
+            score[cols[j]] = v
+            prev = v
+
+    for b in bounds:
+        k = b - done
+        if k <= 0:
+            continue
+        cols, cost = costs()
+        order = torch.argsort(cost, stable=True)[:k]
+        assign(cols[order], cost[order])
+        alive[cols[order]] = False
+        done = b
+    cols, cost = costs()
+    assign(cols, cost)
+    return score
+
+
+def _obs_opts(ctx: ScoreContext, name: str) -> tuple[float, int, float]:
+    sparsity = ctx.options.get("sparsity")
+    if sparsity is None:
+        raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
+    sparsity = float(sparsity)
+    steps = int(ctx.options.get("obs_steps", 10))
+    ridge = float(ctx.options.get("ridge", 1e-3))
+    if not 0.0 <= sparsity < 1.0 or steps < 1 or ridge < 0:
+        raise UserError(f"{name}: need 0 <= sparsity < 1, obs_steps >= 1, ridge >= 0")
+    return sparsity, steps, ridge
+
+
+def _checked_store(ctx: ScoreContext, name: str):  # -> ActivationStore
+    store = ctx.require_store(name)
+    widths = [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]
+    if store.widths != widths:
+        raise UserError(f"scorer {name!r}: activation store widths do not match the model")
+    return store
+
+
+def _network_weights(ctx: ScoreContext, name: str) -> list[torch.Tensor]:
+    """Per-layer network signal in [0, 1] (recurrence, or max |z| over the layer's maximum)."""
+    signal = ctx.options.get("fbn_signal", "recurrence")
+    if signal not in ("recurrence", "max_z"):
+        raise UserError(f"{name}: fbn_signal must be 'recurrence' or 'max_z', got {signal!r}")
+    nets = _networks(ctx)
+    widths = [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]
+    if nets.widths != widths:
+        raise UserError(f"networks at {nets.path} were found for layer widths {nets.widths}, the model has {widths}")
+    if signal == "recurrence":
+        return [r.double().nan_to_num(0.0).clamp(0, 1) for r in nets.recurrence]
+    return [s.double() / s.double().max().clamp_min(1e-12) for s in nets.scores]
+
+
+@SCORERS.register("fbn_obs")
+def fbn_obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """OBS elimination with removal costs raised for stable network members (``1 + beta * r_j``)."""
+    store = _checked_store(ctx, "fbn_obs")
+    sparsity, steps, ridge = _obs_opts(ctx, "fbn_obs")
+    beta = float(ctx.options.get("fbn_beta", 1.0))
+    if not math.isfinite(beta) or beta < 0:
+        raise UserError(f"fbn_obs: fbn_beta must be >= 0, got {beta}")
+    weights = _network_weights(ctx, "fbn_obs")
+    out = []
+    mlps = ctx.adapter.mlps(ctx.model)
+    for i, m in enumerate(tqdm(mlps, desc="fbn_obs scoring", unit="layer", disable=not ctx.options.get("progress", True))):
+        w = ctx.adapter.down_weight(m).detach().double().cpu()
+        n = w.shape[1]
+        out.append(weighted_obs_order(augmented_gram(store, i), w, round(n * (1 - sparsity)), 1 + beta * weights[i],
+                                      steps, ridge))
+    return out
+
+
+def density_widths(density: list[float], widths: list[int], sparsity: float, gamma: float, min_frac: float = 0.2,
+                   round_to: int = 8) -> list[int]:
+    """Kept width per layer: ``n (1 - s)(1 + gamma z)`` with ``z`` the standardised density, on budget.
+
+    Widths are multiples of ``round_to`` (or the full width), between ``min_frac * n`` and ``n``, and sum to the
+    uniform budget ``sum n (1 - s)`` up to one ``round_to`` step per layer.
+    """
+    d = torch.tensor(density, dtype=torch.float64)
+    n = torch.tensor(widths, dtype=torch.float64)
+    z = (d - d.mean()) / d.std().clamp_min(1e-12) if len(d) > 1 else torch.zeros_like(d)
+    target = float((n * (1 - sparsity)).sum())
+    raw = n * (1 - sparsity) * (1 + gamma * z).clamp_min(0.0)
+    lo, hi = n * min_frac, n
+    # rescale so the clipped widths meet the budget (bisection on the scale factor)
+    a, b = 0.0, 10.0
+    for _ in range(100):
+        c = (a + b) / 2
+        if float(torch.minimum(torch.maximum(raw * c, lo), hi).sum()) < target:
+            a = c
+        else:
+            b = c
+    k = torch.minimum(torch.maximum(raw * b, lo), hi)
+    out = []
+    for ki, ni in zip(k.tolist(), widths, strict=True):
+        r = int(round(ki / round_to) * round_to)
+        out.append(ni if r >= ni else max(round_to, r))
+    return out
+
+
+def _rank_scores(order_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``k - rank`` (rank 0 = best by ``order_scores``): positive exactly for the top ``k``."""
+    rank = torch.empty_like(order_scores)
+    rank[torch.argsort(order_scores, descending=True, stable=True)] = torch.arange(len(order_scores),
+                                                                                   dtype=torch.float64)
+    return k - rank
+
+
+@SCORERS.register("fbn_alloc")
+def fbn_alloc_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """Layer widths from network density, OBS order inside each layer (use allocation global, normalize none)."""
+    store = _checked_store(ctx, "fbn_alloc")
+    sparsity, steps, ridge = _obs_opts(ctx, "fbn_alloc")
+    gamma = float(ctx.options.get("fbn_gamma", 0.25))
+    min_frac = float(ctx.options.get("fbn_alloc_min", 0.2))
+    if not math.isfinite(gamma) or not 0 < min_frac <= 1:
+        raise UserError("fbn_alloc: fbn_gamma must be finite and 0 < fbn_alloc_min <= 1")
+    weights = _network_weights(ctx, "fbn_alloc")
+    mlps = ctx.adapter.mlps(ctx.model)
+    widths = [ctx.adapter.width(m) for m in mlps]
+    keep = density_widths([float(x.mean()) for x in weights], widths, sparsity, gamma, min_frac)
+    out = []
+    for i, m in enumerate(tqdm(mlps, desc="fbn_alloc scoring", unit="layer", disable=not ctx.options.get("progress", True))):
+        w = ctx.adapter.down_weight(m).detach().double().cpu()
+        out.append(_rank_scores(weighted_obs_order(augmented_gram(store, i), w, keep[i], None, steps, ridge), keep[i]))
+    return out
+
+
+@SCORERS.register("obs_global")
+def obs_global_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """Control for ``fbn_alloc``: widths from one cross-layer ranking of OBS removal costs, no networks.
+
+    Each layer is eliminated down to ``fbn_alloc_min`` of its width; the costs (squared output error in the
+    residual space) are ranked across layers to pick the budget, then expressed as ``k_i - rank`` scores.
+    """
+    store = _checked_store(ctx, "obs_global")
+    sparsity, steps, ridge = _obs_opts(ctx, "obs_global")
+    min_frac = float(ctx.options.get("fbn_alloc_min", 0.2))
+    mlps = ctx.adapter.mlps(ctx.model)
+    raw = []
+    for i, m in enumerate(tqdm(mlps, desc="obs_global scoring", unit="layer", disable=not ctx.options.get("progress", True))):
+        w = ctx.adapter.down_weight(m).detach().double().cpu()
+        n = w.shape[1]
+        raw.append(weighted_obs_order(augmented_gram(store, i), w, max(1, round(n * min_frac)), None,
+                                      steps * 2, ridge))
+    widths = [len(s) for s in raw]
+    n_keep = round(sum(widths) * (1 - sparsity))
+    floor = [max(1, round(n * min_frac)) for n in widths]
+    # the floor neurons are always kept; the rest are ranked globally by removal cost
+    cand = torch.cat([torch.sort(s, descending=True).values[f:] for s, f in zip(raw, floor, strict=True)])
+    extra = n_keep - sum(floor)
+    thr = torch.sort(cand, descending=True).values[extra - 1] if extra > 0 else math.inf
+    keep = [f + int((torch.sort(s, descending=True).values[f:] >= thr).sum()) for s, f in zip(raw, floor, strict=True)]
+    keep = [min(n, max(8, int(round(k / 8) * 8))) for k, n in zip(keep, widths, strict=True)]
+    return [_rank_scores(s, k) for s, k in zip(raw, keep, strict=True)]

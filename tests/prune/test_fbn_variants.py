@@ -1,0 +1,117 @@
+"""fbn study scorers (fbn_obs, fbn_alloc, obs_global) on a tiny Llama with planted network statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fbnprune.arch import get_adapter
+from fbnprune.discover import NetworkSet
+from fbnprune.errors import UserError
+from fbnprune.prune import ScoreContext, make_plan, score_neurons
+from fbnprune.prune.fbn_variants import density_widths, weighted_obs_order
+from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.obs import obs_order
+from tests.conftest import tiny_model
+from tests.prune.conftest import make_store
+
+WIDTH = 128
+
+
+def fake_networks(tmp_path, recurrence: list[torch.Tensor], scores: list[torch.Tensor] | None = None) -> NetworkSet:
+    """A NetworkSet with given per-neuron recurrence (and max |z|) per layer; nothing else is read by the scorers."""
+    scores = scores or [torch.rand(len(r), generator=torch.Generator().manual_seed(i)) * 5 for i, r in
+                        enumerate(recurrence)]
+    t = {}
+    for i, (r, s) in enumerate(zip(recurrence, scores, strict=True)):
+        t[f"recurrence.{i}"], t[f"score.{i}"] = r.float(), s.float()
+    summary = {"layers": len(recurrence), "widths": [len(r) for r in recurrence], "params": {"threshold": 3.6}}
+    return NetworkSet(tmp_path / "nets", t, summary)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model = tiny_model("llama")
+    store = make_store(model, tmp_path_factory.mktemp("store"))
+    return model, get_adapter(model), store
+
+
+def ctx_of(setup, **options) -> ScoreContext:
+    model, adapter, store = setup
+    return ScoreContext(model=model, adapter=adapter, store=store, seed=0, options={"progress": False, **options})
+
+
+def test_weighted_obs_without_weights_is_obs(setup):
+    model, adapter, store = setup
+    w = adapter.down_weight(adapter.mlps(model)[0]).detach().double()
+    g = augmented_gram(store, 0)
+    assert torch.equal(weighted_obs_order(g, w, 90, None, 5, 1e-3), obs_order(g, w, 90, 5, 1e-3))
+
+
+def test_fbn_obs_beta_zero_equals_obs_and_beta_protects_recurrent_members(setup, tmp_path):
+    rec = [torch.zeros(WIDTH), torch.zeros(WIDTH)]
+    protected = torch.arange(0, WIDTH, 4)  # 32 "stable network members" per layer
+    for r in rec:
+        r[protected] = 1.0
+    nets = fake_networks(tmp_path, rec)
+    base = score_neurons("obs", ctx_of(setup, sparsity=0.5))
+    zero = score_neurons("fbn_obs", ctx_of(setup, sparsity=0.5, networks=nets, fbn_beta=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(base, zero, strict=True))
+    strong = score_neurons("fbn_obs", ctx_of(setup, sparsity=0.5, networks=nets, fbn_beta=1e9))
+    plan_obs = make_plan(base, sparsity=0.5, round_to=8)
+    plan = make_plan(strong, sparsity=0.5, round_to=8)
+    for i in range(2):
+        kept = set(plan.keep[i].tolist())
+        assert set(protected.tolist()) <= kept  # every protected neuron survives
+        # ...while plain obs drops some of them, so the weight changed the selection
+        assert not set(protected.tolist()) <= set(plan_obs.keep[i].tolist())
+
+
+def test_density_widths_meet_budget_and_follow_gamma():
+    widths = [1536] * 6
+    dens = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    for gamma in (0.25, -0.25, 0.0):
+        k = density_widths(dens, widths, 0.3, gamma)
+        assert all(x % 8 == 0 and 0.2 * 1536 <= x <= 1536 for x in k)
+        assert abs(sum(k) - 0.7 * 6 * 1536) <= 8 * 6
+        if gamma > 0:
+            assert k == sorted(k) and k[-1] > k[0]
+        elif gamma < 0:
+            assert k == sorted(k, reverse=True) and k[0] > k[-1]
+        else:
+            assert len(set(k)) == 1
+
+
+def test_fbn_alloc_gives_density_widths_through_a_global_plan(setup, tmp_path):
+    rec = [torch.full((WIDTH,), 0.1), torch.full((WIDTH,), 0.9)]  # layer 1 is network-dense
+    nets = fake_networks(tmp_path, rec)
+    s = score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.5, networks=nets, fbn_gamma=0.5))
+    want = density_widths([0.1, 0.9], [WIDTH, WIDTH], 0.5, 0.5)
+    assert [int((x > 0).sum()) for x in s] == want and want[1] > want[0]
+    plan = make_plan(s, sparsity=0.5, allocation="global", normalize="none", round_to=8)
+    assert plan.kept_widths == want
+    # inside a layer the kept neurons are the ones OBS keeps at that width
+    model, adapter, store = setup
+    w = adapter.down_weight(adapter.mlps(model)[1]).detach().double()
+    ref = weighted_obs_order(augmented_gram(store, 1), w, want[1], None, 10, 1e-3)
+    assert set(plan.keep[1].tolist()) == set(torch.argsort(ref, descending=True)[: want[1]].tolist())
+
+
+def test_obs_global_meets_budget(setup):
+    s = score_neurons("obs_global", ctx_of(setup, sparsity=0.5))
+    plan = make_plan(s, sparsity=0.5, allocation="global", normalize="none", round_to=8)
+    assert sum(plan.kept_widths) == WIDTH  # half of 2 x 128
+    assert all(w % 8 == 0 for w in plan.kept_widths)
+
+
+def test_options_are_validated(setup, tmp_path):
+    nets = fake_networks(tmp_path, [torch.zeros(WIDTH), torch.zeros(WIDTH)])
+    with pytest.raises(UserError, match="sparsity"):
+        score_neurons("fbn_obs", ctx_of(setup, networks=nets))
+    with pytest.raises(UserError, match="fbn_beta"):
+        score_neurons("fbn_obs", ctx_of(setup, sparsity=0.3, networks=nets, fbn_beta=-1))
+    with pytest.raises(UserError, match="fbn_signal"):
+        score_neurons("fbn_obs", ctx_of(setup, sparsity=0.3, networks=nets, fbn_signal="nope"))
+    wrong = fake_networks(tmp_path, [torch.zeros(64), torch.zeros(64)])
+    with pytest.raises(UserError, match="layer widths"):
+        score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.3, networks=wrong))
