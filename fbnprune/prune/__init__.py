@@ -33,3 +33,4 @@ __all__ = [
     "score_neurons",
 ]
 from fbnprune.prune import fbn as _fbn  # noqa: E402,F401  (registers the 'fbn' scorer)
+from fbnprune.prune import fbn_variants as _fbn_variants  # noqa: E402,F401  (fbn_obs, fbn_alloc, obs_global: docs/fbn-study.md)
