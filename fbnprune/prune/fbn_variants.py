@@ -29,14 +29,16 @@ Networks come from ``options["networks"]`` or :func:`fbnprune.discover.run_disco
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from fbnprune.errors import UserError
 from fbnprune.prune.fbn import _networks
-from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.gram import augmented_gram, ridge_solve
 from fbnprune.prune.obs import _damped_inverse
+from fbnprune.prune.plan import KeepPlan
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
 
@@ -229,3 +231,70 @@ def obs_global_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     keep = [f + int((torch.sort(s, descending=True).values[f:] >= thr).sum()) for s, f in zip(raw, floor, strict=True)]
     keep = [min(n, max(8, int(round(k / 8) * 8))) for k, n in zip(keep, widths, strict=True)]
     return [_rank_scores(s, k) for s, k in zip(raw, keep, strict=True)]
+
+
+def network_neighbourhoods(nets: Any, layer: int, run: int = 0) -> torch.Tensor:
+    """Boolean ``(N, N)``: ``[p, q]`` is true when neurons p and q share a network of ``run`` (diagonal false)."""
+    m = nets.networks(layer, run).double()  # (n_net, N)
+    share = (m.T @ m) > 0
+    share.fill_diagonal_(False)
+    return share
+
+
+def network_refit_weights(g: torch.Tensor, w: torch.Tensor, keep_mask: torch.Tensor, share: torch.Tensor,
+                          ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Down weight ``(d, N)`` with pruned contributions folded into network neighbours, the bias, and the number
+    of pruned neurons that had no kept neighbour (their mean went to the bias). ``g``: augmented Gram."""
+    n = w.shape[1]
+    new_w = w.clone()
+    delta = torch.zeros(w.shape[0], dtype=torch.float64)
+    n_rows = float(g[n, n])
+    n_alone = 0
+    for p in (~keep_mask).nonzero().flatten().tolist():
+        nb = (share[p] & keep_mask).nonzero().flatten()
+        if len(nb) == 0:
+            delta += w[:, p] * (g[n, p] / n_rows)  # the mean of h_p (FLAP's bias)
+            n_alone += 1
+            continue
+        idx = torch.cat([nb, torch.tensor([n])])
+        a = ridge_solve(g, g[idx, p : p + 1], idx, ridge).flatten()  # (|nb| + 1,)
+        new_w[:, nb] += w[:, p : p + 1] * a[:-1]
+        delta += w[:, p] * a[-1]
+    return new_w, delta, n_alone
+
+
+@torch.no_grad()
+def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: Any, ridge: float = 1e-3,
+                                run: int = 0, fallback: str = "bias") -> dict[str, Any]:
+    """Re-fit restricted to functional networks (in place, before pruning).
+
+    Each pruned neuron ``p`` is rebuilt, by ridge least squares on the calibration activations, from the kept
+    neurons that share a network with it (plus a constant): ``h_p ~ H_{N(p)} a_p + c_p``, and its down column is
+    folded into theirs (``W'_{N(p)} += W_p a_p^T``, bias ``+= W_p c_p``). A pruned neuron in no network gets only
+    the constant (``fallback: bias``, FLAP's mean) or the global re-fit's share (``fallback: global``, not done
+    here). This has far fewer free parameters than the global re-fit, so it can only win on held-out text, where
+    the global re-fit over-fits the calibration rows. Returns per-layer relative output errors (calibration).
+    """
+    from fbnprune.arch import get_adapter
+    from fbnprune.prune.compensate import _mark_bias, _rel_errors
+
+    if fallback != "bias":
+        raise UserError("network refit: only fallback 'bias' is implemented")
+    adapter = get_adapter(model)
+    report: dict[str, Any] = {"ridge": ridge, "layers": {}}
+    for i, mlp in enumerate(adapter.mlps(model)):
+        w = adapter.down_weight(mlp)
+        pruned = plan.pruned(i)
+        if not len(pruned):
+            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
+            continue
+        g = augmented_gram(store, i)
+        w64 = w.detach().double().cpu()
+        new_w, delta, n_alone = network_refit_weights(g, w64, plan.keep_mask(i), network_neighbourhoods(nets, i, run),
+                                                      ridge)
+        keep = plan.keep[i]
+        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta), "alone": n_alone / len(pruned)}
+        w[:, keep.to(w.device)] = new_w[:, keep].to(dtype=w.dtype, device=w.device)
+        adapter.add_down_bias_(mlp, delta)
+    _mark_bias(model, adapter, "refit")
+    return report

@@ -115,3 +115,22 @@ def test_options_are_validated(setup, tmp_path):
     wrong = fake_networks(tmp_path, [torch.zeros(64), torch.zeros(64)])
     with pytest.raises(UserError, match="layer widths"):
         score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.3, networks=wrong))
+
+
+def test_network_refit_rebuilds_a_pruned_copy_from_its_network_and_biases_the_loners():
+    from fbnprune.prune.fbn_variants import network_refit_weights
+
+    g0 = torch.Generator().manual_seed(0)
+    h = torch.randn(400, 6, generator=g0, dtype=torch.float64) + 1.0
+    h[:, 1] = 2 * h[:, 0]  # neuron 1 = 2 x neuron 0: same network, fully redundant
+    ha = torch.cat([h, torch.ones(400, 1, dtype=torch.float64)], 1)
+    g = ha.T @ ha
+    w = torch.randn(3, 6, generator=g0, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, True, False])  # prune 1 (in a network) and 5 (alone)
+    share = torch.zeros(6, 6, dtype=torch.bool)
+    share[0, 1] = share[1, 0] = True
+    new_w, delta, alone = network_refit_weights(g, w, keep, share, ridge=0.0)
+    assert alone == 1
+    torch.testing.assert_close(new_w[:, 0], w[:, 0] + 2 * w[:, 1])  # neuron 1's column folded into neuron 0
+    torch.testing.assert_close(new_w[:, 2:5], w[:, 2:5])  # others untouched
+    torch.testing.assert_close(delta, w[:, 5] * h[:, 5].mean(), rtol=1e-6, atol=1e-6)  # loner: its mean
