@@ -216,7 +216,7 @@ def picard_orthogonal(
 
     def loss_of(yy: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
         big_g, _, _ = _contrast_full(yy, fun)
-        return -(sign * big_g.mean(-1)).sum(-1)
+        return -(sign.double() * big_g.mean(-1, dtype=torch.float64)).sum(-1)
 
     for it in range(max_iter):
         if it and it % reorth_every == 0:  # undo rounding drift of the accumulated rotations
@@ -259,26 +259,37 @@ def picard_orthogonal(
         # fall back to the preconditioned gradient where L-BFGS does not give a descent direction
         descent = (direction * grad).sum((-1, -2)) < 0
         direction = torch.where(descent[:, None, None], direction, -newton)
-        cur = -(sign * big_g.mean(-1)).sum(-1)
-        # backtracking line search, all problems at once
+        cur = -(sign.double() * big_g.mean(-1, dtype=torch.float64)).sum(-1)
+        # backtracking line search, all problems at once; where the L-BFGS direction finds no decrease, the
+        # preconditioned gradient is searched instead and the memory is dropped
         alpha = torch.ones(direction.shape[0], dtype=dt, device=dev)
         accepted = torch.zeros_like(done)
         new_w, new_y = w.clone(), y.clone()
-        searching = ~done & ok
-        for _ in range(ls_tries):
-            if not bool(searching.any()):
-                break
-            sel = searching.nonzero().flatten()
-            rot = _cayley(alpha[sel, None, None] * direction[sel])
-            y_try = rot @ y[sel]
-            better = loss_of(y_try, sign[sel]) < cur[sel]
-            take = sel[better]
-            new_w[take] = rot[better] @ w[take]
-            new_y[take] = y_try[better]
-            accepted[take] = True
-            searching[take] = False
-            alpha[sel[~better]] *= 0.5
-        stuck = ~done & ok & ~accepted  # no decrease along the search direction: at the solver's precision floor
+        for attempt in range(2):
+            searching = ~done & ok & ~accepted
+            if attempt == 1:
+                if not bool(searching.any()):
+                    break
+                direction = torch.where(searching[:, None, None], -newton, direction)
+                alpha = torch.where(searching, torch.ones_like(alpha), alpha)
+                rho[searching] = 0.0
+            for _ in range(ls_tries):
+                if not bool(searching.any()):
+                    break
+                sel = searching.nonzero().flatten()
+                rot = _cayley(alpha[sel, None, None] * direction[sel])
+                y_try = rot @ y[sel]
+                better = loss_of(y_try, sign[sel]) < cur[sel]
+                take = sel[better]
+                new_w[take] = rot[better] @ w[take]
+                new_y[take] = y_try[better]
+                accepted[take] = True
+                searching[take] = False
+                alpha[sel[~better]] *= 0.5
+        # no decrease along the search direction: the loss is flat to working precision. That is convergence when
+        # the step is already small (within 10x the tolerance), a stall otherwise (reported as not converged).
+        stuck = ~done & ok & ~accepted
+        done = done | (stuck & (step_size < 10 * step_tol))
         prev_step = alpha[:, None, None] * direction
         prev_grad, prev_sign = grad, sign
         have_prev = accepted
