@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--scorer", default="obs")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--ridges", default="1e-4,1e-3,1e-2,1e-1")
-    ap.add_argument("--discover", default="all")
+    ap.add_argument("--discover", default="runs4")
     args = ap.parse_args()
     lm = load_model(args.model, dtype="float32")
     model, tok = lm.model.eval(), lm.tokenizer

@@ -6,7 +6,8 @@ Protocol (recorded in every cell):
 * networks: :func:`fbnprune.discover.run_discovery` on that store (cached), configurations in ``DISCOVER``;
 * plan: sparsity = fraction of MLP neurons removed, all layers pruned, ``round_to`` 8, mask mode (same logits as
   slice); uniform widths unless the variant says ``global`` (then ``normalize: none``);
-* compensation: ``none`` or ``refit`` (ridge 1e-3 x mean diagonal);
+* compensation: ``none``, ``bias``, ``refit`` (ridge 1e-3 x mean diagonal) or ``netrefit`` (the re-fit restricted to
+  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, union over "runs4");
 * perplexity: the first ``--eval-tokens`` tokens of wikitext2-test in non-overlapping 512-token windows, float32;
 * tasks (``--tasks``): fbnprune.evaluate.harness.evaluate_tasks with ``--limit`` items per task (a SUBSET).
 
@@ -40,6 +41,7 @@ from fbnprune.evaluate.ppl import token_stream
 from fbnprune.models import load_model
 from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
+from fbnprune.prune.fbn_variants import network_refit_compensation_
 from fbnprune.prune.gram import set_gram_cache_size
 
 HERE = Path(__file__).parent
@@ -180,7 +182,13 @@ def main() -> None:
                                  min_width=8, round_to=8, normalize="none" if alloc == "global" else "mean")
                 t1 = time.perf_counter()
                 m = copy.deepcopy(model)
-                rep = compensate_(m, plan, store, cp, **({"ridge": RIDGE, "progress": False} if cp == "refit" else {}))
+                if cp == "netrefit":  # re-fit restricted to functional networks (union over the runs of "runs4")
+                    if "runs4" not in nets_cache:
+                        nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
+                    rep = network_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
+                else:
+                    rep = compensate_(m, plan, store, cp,
+                                      **({"ridge": RIDGE, "progress": False} if cp == "refit" else {}))
                 apply_plan_(m, plan, "mask")
                 res = evaluate(m, f"{v} {sp} {cp}")
                 cell = {"variant": v, "scorer": spec["scorer"], "options": spec.get("options", {}),
@@ -191,6 +199,8 @@ def main() -> None:
                 if rep:
                     lay = list(rep["layers"].values())
                     cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
+                    if cp == "netrefit":
+                        cell["netrefit_alone_fraction"] = sum(x["alone"] for x in lay) / len(lay)
                 write(cell_file, cell)
                 print(f"{v:16s} {sp:.2f} {cp:6s} ppl {res['ppl']:10.3f} ({cell['seconds']} s)", flush=True)
                 del m

@@ -233,10 +233,14 @@ def obs_global_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     return [_rank_scores(s, k) for s, k in zip(raw, keep, strict=True)]
 
 
-def network_neighbourhoods(nets: Any, layer: int, run: int = 0) -> torch.Tensor:
-    """Boolean ``(N, N)``: ``[p, q]`` is true when neurons p and q share a network of ``run`` (diagonal false)."""
-    m = nets.networks(layer, run).double()  # (n_net, N)
-    share = (m.T @ m) > 0
+def network_neighbourhoods(nets: Any, layer: int, run: int | None = None) -> torch.Tensor:
+    """Boolean ``(N, N)``: ``[p, q]`` is true when neurons p and q share a network (of ``run``, or of any run when
+    ``run`` is None); the diagonal is false."""
+    runs = range(int(nets._t[f"net_members.{layer}"].shape[0])) if run is None else [run]
+    share = torch.zeros(nets.widths[layer], nets.widths[layer], dtype=torch.bool)
+    for r in runs:
+        m = nets.networks(layer, r).double()  # (n_net, N)
+        share |= (m.T @ m) > 0
     share.fill_diagonal_(False)
     return share
 
@@ -265,7 +269,7 @@ def network_refit_weights(g: torch.Tensor, w: torch.Tensor, keep_mask: torch.Ten
 
 @torch.no_grad()
 def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: Any, ridge: float = 1e-3,
-                                run: int = 0, fallback: str = "bias") -> dict[str, Any]:
+                                run: int | None = None, fallback: str = "bias") -> dict[str, Any]:
     """Re-fit restricted to functional networks (in place, before pruning).
 
     Each pruned neuron ``p`` is rebuilt, by ridge least squares on the calibration activations, from the kept
