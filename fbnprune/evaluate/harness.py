@@ -91,8 +91,24 @@ class PackedScorer:
                 k, c = (c[0],), c[1:]
             conts.append(c)
             groups.setdefault(k, []).append(i)
-        keys = list(groups)
-        glen = [len(k) + sum(len(conts[i]) - 1 for i in groups[k]) for k in keys]
+        # a context shared by very many requests (blimp: every item has the same empty context) is split into
+        # chunks of at most row_tokens packed tokens, each chunk carrying its own copy of the context
+        keys: list[tuple[int, ...]] = []
+        members: list[list[int]] = []
+        for k, reqs in groups.items():
+            cur: list[int] = []
+            size = len(k)
+            for ri in reqs:
+                n = len(conts[ri]) - 1
+                if cur and size + n > self.row_tokens:
+                    keys.append(k)
+                    members.append(cur)
+                    cur, size = [], len(k)
+                cur.append(ri)
+                size += n
+            keys.append(k)
+            members.append(cur)
+        glen = [len(k) + sum(len(conts[i]) - 1 for i in m) for k, m in zip(keys, members, strict=True)]
         rows = _pack_rows(glen, self.row_tokens)
         rows.sort(key=lambda r: -sum(glen[g] for g in r))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -117,7 +133,7 @@ class PackedScorer:
                     grp[r, t : t + L] = gi
                     last_ctx = t + L - 1
                     t += L
-                    for s, ri in enumerate(groups[k], 1):
+                    for s, ri in enumerate(members[gi], 1):
                         c = conts[ri]
                         n = len(c) - 1
                         if n:
