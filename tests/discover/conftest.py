@@ -20,7 +20,7 @@ def planted(
     perm = rng.permutation(n)
     sets = [set(perm[g * size : (g + 1) * size].tolist()) for g in range(groups)]
     x = rng.normal(size=(t, n))
-    for g, members in enumerate(sets):
+    for members in sets:
         idx = np.array(sorted(members))
         tc = rng.laplace(size=(t, 1))
         x[:, idx] = tc * rng.uniform(1.0, 2.0, size=(1, len(idx))) + noise * rng.normal(size=(t, len(idx)))
