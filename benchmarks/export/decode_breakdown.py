@@ -3,7 +3,8 @@
 For each export directory (loaded in its own fresh process) one decode step (1 new token, KV cache of a fixed
 prompt) is timed as a whole and again with every MLP replaced by a zero-returning stub. The difference is the MLP
 time; what remains is attention, norms, embedding, the LM head and the per-op framework overhead. The LM-head
-matmul is also timed alone. If the non-MLP time stays the same while only the MLP time shrinks with the neuron
+matmul is also timed alone. Times are CPU time of the (single-threaded) process by default (``--clock cpu``),
+because wall time on a shared machine mostly measures the other processes. If the non-MLP time stays the same while only the MLP time shrinks with the neuron
 count, the speed-up is bounded by (t_rest + t_mlp_dense) / (t_rest + t_mlp_slim), whatever the parameter ratio.
 
     nice .venv/bin/python benchmarks/export/decode_breakdown.py DENSE_DIR SLIM_DIR --out FILE.json
