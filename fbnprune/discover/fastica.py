@@ -157,6 +157,25 @@ def _contrast_full(y: torch.Tensor, fun: str) -> tuple[torch.Tensor, torch.Tenso
     raise ValueError(f"unknown FastICA contrast {fun!r}; choose one of {FUNS}")
 
 
+def _loss_terms(y: torch.Tensor, fun: str, y2: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row ``E[G(y)]`` in float64 (line-search comparisons need more than float32's 7 digits)."""
+    n = y.shape[-1]
+    if fun == "cube":
+        y2 = y * y if y2 is None else y2
+        return (y2 * y2).sum(-1, dtype=torch.float64) / (4.0 * n)
+    big_g, _, _ = _contrast_full(y, fun)
+    return big_g.sum(-1, dtype=torch.float64) / n
+
+
+def _grad_terms(y: torch.Tensor, fun: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``g(y)``, per-row ``E[g'(y)]`` and ``E[G(y)]`` (float64) with as few passes over ``y`` as possible."""
+    if fun == "cube":
+        y2 = y * y
+        return y2 * y, 3.0 * y2.mean(-1), _loss_terms(y, fun, y2)
+    big_g, g, gp = _contrast_full(y, fun)
+    return g, gp.mean(-1), big_g.sum(-1, dtype=torch.float64) / y.shape[-1]
+
+
 def _cayley(d: torch.Tensor) -> torch.Tensor:
     """Orthogonal ``(I - D/2)^{-1} (I + D/2)`` of a batch of skew-symmetric ``D`` (a retraction: exp(D) to 2nd order)."""
     eye = torch.eye(d.shape[-1], dtype=d.dtype, device=d.device)
@@ -215,18 +234,19 @@ def picard_orthogonal(
     prev_sign = torch.ones(n_prob, k, dtype=dt, device=dev)
 
     def loss_of(yy: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-        big_g, _, _ = _contrast_full(yy, fun)
-        return -(sign.double() * big_g.mean(-1, dtype=torch.float64)).sum(-1)
+        return -(sign.double() * _loss_terms(yy, fun)).sum(-1)
 
     for it in range(max_iter):
         if it and it % reorth_every == 0:  # undo rounding drift of the accumulated rotations
             w = sym_decorrelation(w, "ns")
             y = w @ xa
-        big_g, g, gp = _contrast_full(y, fun)
-        sign = torch.sign((y * g).mean(-1) - gp.mean(-1))
+        g, e_gp, e_big_g = _grad_terms(y, fun)
+        gm = g @ y.mT / n  # E[g(y) y^T]; its diagonal is E[y g(y)]
+        e_yg = gm.diagonal(dim1=-2, dim2=-1)
+        sign = torch.sign(e_yg - e_gp)
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        a = sign * ((y * g).mean(-1) - gp.mean(-1))  # = |E[y g] - E[g']|
-        m = (-(sign.unsqueeze(-1) * g)) @ y.mT / n  # E[phi(y) y^T], phi = -s g
+        a = sign * (e_yg - e_gp)  # = |E[y g] - E[g']|
+        m = -sign.unsqueeze(-1) * gm  # E[phi(y) y^T], phi = -s g
         grad = m - m.mT
         h = (a.unsqueeze(-1) + a.unsqueeze(-2)).clamp_min(lambda_min)
         newton = grad / h
@@ -259,12 +279,11 @@ def picard_orthogonal(
         # fall back to the preconditioned gradient where L-BFGS does not give a descent direction
         descent = (direction * grad).sum((-1, -2)) < 0
         direction = torch.where(descent[:, None, None], direction, -newton)
-        cur = -(sign.double() * big_g.mean(-1, dtype=torch.float64)).sum(-1)
+        cur = -(sign.double() * e_big_g).sum(-1)
         # backtracking line search, all problems at once; where the L-BFGS direction finds no decrease, the
         # preconditioned gradient is searched instead and the memory is dropped
         alpha = torch.ones(direction.shape[0], dtype=dt, device=dev)
         accepted = torch.zeros_like(done)
-        new_w, new_y = w.clone(), y.clone()
         for attempt in range(2):
             searching = ~done & ok & ~accepted
             if attempt == 1:
@@ -281,8 +300,8 @@ def picard_orthogonal(
                 y_try = rot @ y[sel]
                 better = loss_of(y_try, sign[sel]) < cur[sel]
                 take = sel[better]
-                new_w[take] = rot[better] @ w[take]
-                new_y[take] = y_try[better]
+                w[take] = rot[better] @ w[take]  # in place: rows still searching are untouched
+                y[take] = y_try[better]
                 accepted[take] = True
                 searching[take] = False
                 alpha[sel[~better]] *= 0.5
@@ -293,7 +312,6 @@ def picard_orthogonal(
         prev_step = alpha[:, None, None] * direction
         prev_grad, prev_sign = grad, sign
         have_prev = accepted
-        w, y = new_w, new_y
         stop = done | stuck | ~ok
         if bool(stop.any()):
             ended = act[stop].cpu()
