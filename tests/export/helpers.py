@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -49,33 +50,46 @@ _PROBE = textwrap.dedent(
     """
     import json, sys
     import torch
-    path, out, how = sys.argv[1], sys.argv[2], sys.argv[3]
-    if how == "stock":
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
-        import fbnprune
-        model = fbnprune.load_pretrained(path)
-    model.eval()
-    ids = torch.tensor(json.loads(sys.argv[4]))
-    with torch.no_grad():
-        torch.save(model(ids).logits.float(), out)
-    print(json.dumps({"fbnprune_imported": any(m == "fbnprune" or m.startswith("fbnprune.") for m in sys.modules)}))
+    jobs, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
+    info = []
+    for path, out, how in jobs:  # stock jobs first: fbnprune must not be imported while they run
+        if how == "stock":
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            import fbnprune
+            model = fbnprune.load_pretrained(path)
+        with torch.no_grad():
+            torch.save(model.eval()(ids).logits.float(), out)
+        info.append({"fbnprune_imported": any(m == "fbnprune" or m.startswith("fbnprune.") for m in sys.modules)})
+    print(json.dumps(info))
     """
 )
 
 
-def reload_logits(export_dir: Path, how: str, tmp: Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load ``export_dir`` in a fresh interpreter (``stock`` = transformers only) and return its logits."""
-    out = tmp / f"logits-{how}.pt"
+def reload_many(jobs: list[tuple[Path, str]], tmp: Path) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Load each ``(export_dir, how)`` in ONE fresh interpreter (``stock`` = transformers only; put those first).
+
+    One process for several exports keeps the suite fast; each model is still loaded from disk only.
+    """
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][1] != "stock")
+    if [jobs[i][1] for i in order] != [j[1] for j in jobs]:
+        raise ValueError("list stock jobs first")
+    spec = [(str(d), str(tmp / f"logits-{i}.pt"), how) for i, (d, how) in enumerate(jobs)]
     r = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(export_dir), str(out), how, json.dumps(INPUT.tolist())],
-        capture_output=True, text=True, timeout=300, cwd=tmp,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        [sys.executable, "-c", _PROBE, json.dumps(spec), json.dumps(INPUT.tolist())],
+        capture_output=True, text=True, timeout=600, cwd=tmp,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     if r.returncode != 0:
-        raise AssertionError(f"reload failed ({how}):\n{r.stderr[-3000:]}")
-    return torch.load(out), json.loads(r.stdout.strip().splitlines()[-1])
+        raise AssertionError(f"reload failed:\n{r.stderr[-3000:]}")
+    infos = json.loads(r.stdout.strip().splitlines()[-1])
+    return [(torch.load(out), info) for (_, out, _), info in zip(spec, infos, strict=True)]
+
+
+def reload_logits(export_dir: Path, how: str, tmp: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load one export in a fresh interpreter and return its logits."""
+    return reload_many([(export_dir, how)], tmp)[0]
 
 
 def tiny_tokenizer() -> Any:

@@ -12,21 +12,41 @@ from fbnprune.errors import UserError
 from fbnprune.export import export_hf, load_pretrained
 from fbnprune.export.hf import describe_export, read_manifest
 from fbnprune.prune.plan import count_params
-from tests.export.helpers import logits, reload_logits, slim_model, tiny_tokenizer
+from tests.export.helpers import logits, reload_many, slim_model, tiny_tokenizer
 
 TOL = 1e-4
 
 
-@pytest.mark.parametrize(
-    "model_type,bias",
-    [("llama", False), ("llama", True), ("gemma3_text", False)],
-    ids=["llama", "llama-bias", "gemma3"],
-)
-def test_uniform_export_reloads_with_stock_transformers_in_fresh_process(tmp_path, model_type, bias):
-    model, plan = slim_model(model_type, "uniform", bias=bias)
-    expected = logits(model)
-    out = export_hf(model, tiny_tokenizer(), tmp_path / "slim", plan=plan)
+# Every case is exported once; all reloads run in ONE fresh interpreter (stock cases first, before anything imports
+# fbnprune), which keeps the suite fast while each model still comes only from its files on disk.
+CASES = {  # name: (model_type, allocation, bias, how it must reload)
+    "llama": ("llama", "uniform", False, "stock"),
+    "llama-bias": ("llama", "uniform", True, "stock"),
+    "gemma3": ("gemma3_text", "uniform", False, "stock"),
+    "llama-per-layer": ("llama", "global", False, "fbnprune"),
+    "gemma3-per-layer": ("gemma3_text", "global", False, "fbnprune"),
+    "gemma3-bias": ("gemma3_text", "uniform", True, "fbnprune"),
+}
 
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exports")
+    out, jobs = {}, []
+    for name, (mt, alloc, bias, how) in CASES.items():
+        model, plan = slim_model(mt, alloc, bias=bias)
+        d = export_hf(model, tiny_tokenizer() if how == "stock" else None, tmp / name, plan=plan)
+        out[name] = {"model": model, "plan": plan, "dir": d, "expected": logits(model)}
+        jobs.append((d, how))
+    for name, (got, info) in zip(CASES, reload_many(jobs, tmp), strict=True):
+        out[name].update(reloaded=got, info=info)
+    return out
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-bias", "gemma3"])
+def test_uniform_export_reloads_with_stock_transformers_in_fresh_process(exported, case):
+    e = exported[case]
+    out, plan, bias = e["dir"], e["plan"], CASES[case][2]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["intermediate_size"] == plan.kept_widths[0] < 128
     assert "per_layer_config" not in cfg
@@ -36,20 +56,16 @@ def test_uniform_export_reloads_with_stock_transformers_in_fresh_process(tmp_pat
     for f in ("model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
               "fbnprune_provenance.json", "fbnprune_networks.json"):
         assert (out / f).is_file(), f
-
-    got, info = reload_logits(out, "stock", tmp_path)
-    assert info["fbnprune_imported"] is False
-    assert (got - expected).abs().max().item() < TOL
+    assert e["info"]["fbnprune_imported"] is False
+    assert (e["reloaded"] - e["expected"]).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_per_layer_export_reloads_with_load_pretrained_and_stock_refuses(tmp_path, model_type):
+@pytest.mark.parametrize("case", ["llama-per-layer", "gemma3-per-layer"])
+def test_per_layer_export_reloads_with_load_pretrained_and_stock_refuses(exported, case):
     from transformers import AutoModelForCausalLM
 
-    model, plan = slim_model(model_type, "global")
-    expected = logits(model)
-    out = export_hf(model, None, tmp_path / "slim", plan=plan)
-
+    e = exported[case]
+    out, plan = e["dir"], e["plan"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["intermediate_size"] == 128  # global value stays the dense width
     overrides = {int(k): v["intermediate_size"] for k, v in cfg["per_layer_config"].items()}
@@ -60,33 +76,29 @@ def test_per_layer_export_reloads_with_load_pretrained_and_stock_refuses(tmp_pat
     with pytest.raises(Exception, match="per-layer attribute"):  # loud, never a wrong-shaped model
         AutoModelForCausalLM.from_pretrained(str(out))
 
-    got, _ = reload_logits(out, "fbnprune", tmp_path)
-    assert (got - expected).abs().max().item() < TOL
-    # In-process: widths and a second export of the reloaded model are identical.
-    again = load_pretrained(out)
+    assert (e["reloaded"] - e["expected"]).abs().max().item() < TOL
+    again = load_pretrained(out)  # in-process: widths and parameter count survive the round trip
     assert again.config.fbnprune_layer_widths == plan.kept_widths
-    assert count_params(again) == count_params(model)
+    assert count_params(again) == count_params(e["model"])
 
 
-def test_gemma3_bias_never_dropped_silently(tmp_path):
+def test_gemma3_bias_never_dropped_silently(exported, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, plan = slim_model("gemma3_text", "uniform", bias=True)
+    e = exported["gemma3-bias"]
+    model, plan, out = e["model"], e["plan"], e["dir"]
     with pytest.raises(UserError, match="no switch"):
         describe_export(model, plan=plan, require_stock=True)
     with pytest.raises(UserError):
         export_hf(model, None, tmp_path / "stock", plan=plan, require_stock=True)
     assert not (tmp_path / "stock").exists()
 
-    expected = logits(model)
-    out = export_hf(model, None, tmp_path / "slim", plan=plan)
     man = read_manifest(out)
     assert man["loader"] == "fbnprune" and man["bias_layers"] == [0, 1]
     assert "silently drop" in man["reason"]
     with pytest.raises(Exception, match="per-layer attribute"):
         AutoModelForCausalLM.from_pretrained(str(out))
-    got, _ = reload_logits(out, "fbnprune", tmp_path)
-    assert (got - expected).abs().max().item() < TOL
+    assert (e["reloaded"] - e["expected"]).abs().max().item() < TOL
     assert "fbnprune.load_pretrained" in (out / "README.md").read_text()
 
 
