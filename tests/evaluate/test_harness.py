@@ -126,3 +126,26 @@ def test_bad_arguments(tiny_llama, tokenizer):
         evaluate_tasks(tiny_llama, tokenizer, ["copa"], limit=1, batch_size=1, engine="fast")
     with pytest.raises(UserError, match="at least one task"):
         evaluate_tasks(tiny_llama, tokenizer, [], limit=1, batch_size=1)
+
+
+def test_packed_scorer_splits_a_context_shared_by_many_requests(tiny_llama):
+    """blimp: every request has the same (empty) context; the group must be cut into rows, not one huge row."""
+    g = torch.Generator().manual_seed(5)
+    pairs = [([1], torch.randint(2, 200, (int(n),), generator=g).tolist())
+             for n in torch.randint(1, 15, (40,), generator=g)]
+    scorer = PackedScorer(tiny_llama, max_length=4096, row_tokens=32, rows_per_batch=4)
+    seen_T: list[int] = []
+    orig = scorer.decoder.forward
+
+    def spy(*a, **kw):
+        seen_T.append(kw["input_ids"].shape[1])
+        return orig(*a, **kw)
+
+    scorer.decoder.forward = spy
+    try:
+        got = scorer.score(pairs, progress=False)
+    finally:
+        del scorer.decoder.forward
+    assert max(seen_T) <= 32 and len(seen_T) > 1
+    for (ctx, cont), (ll, _) in zip(pairs, got, strict=True):
+        assert ll == pytest.approx(_direct_ll(tiny_llama, ctx, cont)[0], abs=1e-4)
