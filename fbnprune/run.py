@@ -233,14 +233,28 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
             r.plan.save(tmp / "keep_plan.json")
         (tmp / "report.json").write_text(json.dumps(r.report, indent=2, default=str))
         if export:
-            export_hf(r.lm.model, r.lm.tokenizer, tmp / recipe.export.subdir,
-                      extra_json={"fbnprune_provenance.json": r.report["provenance"],
-                                  "fbnprune_keep_plan.json": r.plan.to_json() if r.plan else None},
-                      extra_text={"fbnprune_recipe.yaml": dump_recipe(recipe)})
+            from fbnprune.export.card import networks_from_set
+
+            assert recipe.export is not None and r.plan is not None
+            export_hf(r.lm.model, r.lm.tokenizer, tmp / recipe.export.subdir, plan=r.plan, report=r.report,
+                      recipe_text=dump_recipe(recipe), require_stock=recipe.export.require_stock,
+                      gguf=recipe.export.gguf,
+                      networks=networks_from_set(r.networks) if r.networks is not None else None,
+                      extra_json={"fbnprune_keep_plan.json": r.plan.to_json()})
 
     atomic_dir(out, write)
-    say(f"wrote {out}/ (report.json, keep_plan.json, recipe.yaml"
-        + (f", {recipe.export.subdir}/ checkpoint" if export else "") + f") in {r.report['seconds']} s")
+    layout = ""
+    if export:
+        from fbnprune.export.hf import read_manifest
+
+        assert recipe.export is not None
+        loader = (read_manifest(out / recipe.export.subdir) or {}).get("loader")
+        layout = f", {recipe.export.subdir}/ checkpoint ({'stock transformers' if loader == 'stock' else 'fbnprune.load_pretrained'} loads it)"
+    say(f"wrote {out}/ (report.json, keep_plan.json, recipe.yaml{layout}) in {r.report['seconds']} s")
+    if export and recipe.export is not None and recipe.export.push_to_hub:
+        from fbnprune.export import push_to_hub
+
+        say(f"pushed: {push_to_hub(out / recipe.export.subdir, recipe.export.push_to_hub, private=recipe.export.private)}")
 
 
 def run(

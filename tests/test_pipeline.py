@@ -85,8 +85,20 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune):
     assert 0 <= res["pruned"]["retention"]["kl"] and 0 <= res["pruned"]["retention"]["top1_agreement"] <= 1
     plan = json.loads((out / "keep_plan.json").read_text())
     assert abs(plan["sparsity"] - 0.25) < 0.07
+    manifest = json.loads((out / "model" / "fbnprune_export.json").read_text())
     uniform = prune.get("allocation", "uniform") == "uniform"
-    assert (out / "model" / "config.json").is_file() == uniform or prune.get("allocation") == "global"
+    assert manifest["loader"] == ("stock" if uniform else "fbnprune")
+    assert (out / "model" / "README.md").read_text().startswith("---")  # model card with front matter
+    from transformers import AutoTokenizer
+
+    from fbnprune import load_pretrained
+    from fbnprune.evaluate.ppl import perplexity, token_stream
+
+    # the exported checkpoint is the evaluated model: same perplexity after reloading
+    reloaded = load_pretrained(out / "model")
+    toks = token_stream(AutoTokenizer.from_pretrained(out / "model"), str(tiny_env / "eval.txt"), 512)
+    again = perplexity(reloaded, toks, seq_len=32, progress=False)["ppl"]
+    assert again == pytest.approx(res["pruned"][key]["ppl"], rel=1e-5)
 
 
 def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):

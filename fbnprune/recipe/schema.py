@@ -107,6 +107,12 @@ class EvaluateConfig(Strict):
 class ExportConfig(Strict):
     enabled: bool = True
     subdir: str = "model"
+    require_stock: bool = Field(
+        False, description="fail instead of writing the per-layer (fbnprune.load_pretrained) layout"
+    )
+    gguf: Literal["f16", "f32"] | None = Field(None, description="also write model-<dtype>.gguf (uniform Llama only)")
+    push_to_hub: str | None = Field(None, description="Hub repo id; uploaded after the run (needs network)")
+    private: bool = True
 
 
 from fbnprune.discover.config import DiscoverConfig  # noqa: E402  (a stage section like the others)
