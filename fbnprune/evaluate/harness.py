@@ -53,6 +53,12 @@ def _pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """Boolean (batch, T, T) 'may attend' -> additive (batch, 1, T, T) mask in the model's dtype (works for
+    eager and sdpa attention alike)."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None].to(device)
+
+
 def _uses_sliding_layers(config: Any) -> int | None:
     types = getattr(config, "layer_types", None) or []
     win = getattr(config, "sliding_window", None)
@@ -113,6 +119,7 @@ class PackedScorer:
         rows.sort(key=lambda r: -sum(glen[g] for g in r))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
         bar = tqdm(total=len(pairs), desc="loglikelihood (packed)", unit="req", disable=not progress)
         for b in range(0, len(rows), self.rows_per_batch):
             batch = rows[b : b + self.rows_per_batch]
@@ -147,16 +154,10 @@ class PackedScorer:
             causal = torch.ones(T, T, dtype=torch.bool).tril()
             allowed = (grp[:, :, None] == grp[:, None, :]) & causal & (
                 (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
-            dtype = next(self.model.parameters()).dtype
-            neg = torch.finfo(dtype).min
-
-            def additive(a: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(a.shape, dtype=dtype).masked_fill(~a, neg)[:, None].to(device)
-
-            mask: Any = additive(allowed)
+            mask: Any = _additive(allowed, dtype, device)
             if self.window is not None:
                 near = (pos[:, :, None] - pos[:, None, :]) < self.window
-                mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
+                mask = {"full_attention": mask, "sliding_attention": _additive(allowed & near, dtype, device)}
             hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
                                   use_cache=False).last_hidden_state
             req = [ri for ri in where]

@@ -24,7 +24,7 @@ def _direct_ll(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
 def _pairs(seed: int = 0) -> list[tuple[list[int], list[int]]]:
     g = torch.Generator().manual_seed(seed)
     pairs = []
-    for c in range(7):
+    for _ in range(7):
         ctx = torch.randint(1, 200, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
         for _ in range(int(torch.randint(1, 5, (1,), generator=g))):  # several choices share one context
             n = int(torch.randint(1, 12, (1,), generator=g))
