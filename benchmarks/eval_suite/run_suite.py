@@ -169,9 +169,16 @@ def report_part(out: Path) -> None:
                            pruned_ppl=p["perplexity"], agreement=p.get("agreement"),
                            meta={"model": d["model"], "pruning": p.get("pruning"),
                                  "runs": {"dense": d["runs"], "pruned": p["runs"]}})
+    todo = [st for st in STEPS for part in (d, p)
+            if (st.startswith("ppl@") and f"wikitext2-test@{st[4:]}" not in part["perplexity"])
+            or (not st.startswith("ppl@") and st not in part["tasks"])]
+    rep["unfinished_steps"] = sorted(set(todo), key=STEPS.index)
+    banner = (f"**Partial: steps not finished in both runs yet: {', '.join(rep['unfinished_steps'])}.**\n\n"
+              if todo else "")
     (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
     md = to_markdown(rep)
-    (out / "report.md").write_text(f"# Retention report: {d['model']}, dense vs pruned\n\n{md}")
+    (out / "report.md").write_text(f"# Retention report: {d['model']}, dense vs pruned\n\n{banner}{md}")
+    print(banner, end="")
     print(md)
 
 
