@@ -17,8 +17,8 @@ calibration set does not hold:
   standardised density, clipped so every layer keeps between ``fbn_alloc_min`` (0.2) and all of its neurons),
   rescaled to the budget. ``gamma > 0`` keeps more of the dense layers, ``gamma < 0`` fewer. The scores are
   ``k_i - rank`` (positive exactly for the neurons the layer keeps), so use them with ``allocation: global`` and
-  ``normalize: none``. Options: ``fbn_gamma`` (0.25), ``fbn_alloc_min`` (0.2), ``sparsity``, ``obs_steps``,
-  ``ridge``.
+  ``normalize: none``. Options: ``fbn_gamma`` (0.25), ``fbn_alloc_min`` (0.2), ``fbn_within`` (``obs`` or
+  ``wanda_sp``: the order inside a layer), ``sparsity``, ``obs_steps``, ``ridge``.
 * ``obs_global``: the control for ``fbn_alloc`` without networks: the same ``k_i - rank`` construction with the
   widths chosen by one ranking of OBS removal costs across layers (the costs are squared output errors in the
   shared residual space, so they are comparable across layers without normalisation).
@@ -197,10 +197,17 @@ def fbn_alloc_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     mlps = ctx.adapter.mlps(ctx.model)
     widths = [ctx.adapter.width(m) for m in mlps]
     keep = density_widths([float(x.mean()) for x in weights], widths, sparsity, gamma, min_frac)
+    within = ctx.options.get("fbn_within", "obs")
+    if within not in ("obs", "wanda_sp"):
+        raise UserError(f"fbn_alloc: fbn_within must be 'obs' or 'wanda_sp', got {within!r}")
     out = []
     for i, m in enumerate(tqdm(mlps, desc="fbn_alloc scoring", unit="layer", disable=not ctx.options.get("progress", True))):
         w = ctx.adapter.down_weight(m).detach().double().cpu()
-        out.append(_rank_scores(weighted_obs_order(augmented_gram(store, i), w, keep[i], None, steps, ridge), keep[i]))
+        if within == "wanda_sp":
+            order = store.stats(i).l2.double() * w.norm(dim=0)
+        else:
+            order = weighted_obs_order(augmented_gram(store, i), w, keep[i], None, steps, ridge)
+        out.append(_rank_scores(order, keep[i]))
     return out
 
 

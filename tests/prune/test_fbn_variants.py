@@ -134,3 +134,16 @@ def test_network_refit_rebuilds_a_pruned_copy_from_its_network_and_biases_the_lo
     torch.testing.assert_close(new_w[:, 0], w[:, 0] + 2 * w[:, 1])  # neuron 1's column folded into neuron 0
     torch.testing.assert_close(new_w[:, 2:5], w[:, 2:5])  # others untouched
     torch.testing.assert_close(delta, w[:, 5] * h[:, 5].mean(), rtol=1e-6, atol=1e-6)  # loner: its mean
+
+
+def test_fbn_alloc_with_wanda_order_inside_layers(setup, tmp_path):
+    rec = [torch.full((WIDTH,), 0.9), torch.full((WIDTH,), 0.1)]
+    nets = fake_networks(tmp_path, rec)
+    s = score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.5, networks=nets, fbn_gamma=0.5, fbn_within="wanda_sp"))
+    wanda = score_neurons("wanda_sp", ctx_of(setup))
+    want = density_widths([0.9, 0.1], [WIDTH, WIDTH], 0.5, 0.5)
+    for i in range(2):
+        assert set((s[i] > 0).nonzero().flatten().tolist()) == set(
+            torch.argsort(wanda[i], descending=True, stable=True)[: want[i]].tolist())
+    with pytest.raises(UserError, match="fbn_within"):
+        score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.5, networks=nets, fbn_within="x"))
