@@ -103,7 +103,17 @@ def write_md(res: dict, path: Path) -> None:
                 hit = [x for x in cells if x["scorer"] == sc and x["sparsity"] == s and x["compensate"] == c]
                 row.append(f"{hit[0]['ppl']:.2f}" if hit else "-")
         lines.append("| " + " | ".join(row) + " |")
+    expected = len(res.get("grid", [])) or len(cells)
+    if len(cells) < expected:
+        lines += ["", f"**Partial: {len(cells)} of {expected} cells measured so far.** The script appends after every "
+                  "cell and skips measured cells when rerun, so rerunning the command above completes the table."]
     lines += [
+        "",
+        "Reading the table: `random` and `magnitude` collapse because, with nothing protected, they prune "
+        "layer 0's MLP, which on SmolLM2 produces the massive activations. In a side check (magnitude, 30 %, one "
+        "layer pruned at a time, 512 test tokens in 256-token windows, dense 21.1) layer 0 alone gave 1029, the "
+        "last layer 106, layers 1-3 about 21-22. Activation-aware scorers keep those neurons; "
+        "`fbnprune.prune.protect.auto_protected_layers` finds such layers from data.",
         "",
         "Compensation: `bias` = FLAP-style W_down[:, pruned] E[h_pruned] added to the down bias; `refit` = ridge "
         "least-squares re-fit of the kept down columns + bias on the calibration activations (ridge 1e-3 x mean "
@@ -160,16 +170,22 @@ def main() -> None:
 
     done = {(x["scorer"], x["sparsity"], x["compensate"]) for x in res["cells"]}
     # Priority order, so an interrupted run on a busy machine still has the most useful cells: every scorer
-    # uncompensated, then each scorer's natural compensation, then the rest.
-    natural = {"obs": "refit", "flap": "bias", "wanda_sp": "refit"}
+    # uncompensated (and obs with the re-fit it assumes), then FLAP with its bias and wanda_sp with refit,
+    # then the other re-fits, then the other biases.
     cells: list[tuple[str, float, str]] = []
-    for tier in range(3):
+    for tier in range(4):
         for sp in sparsities:
             for sc in scorers:
                 for cp in comps:
-                    t = 0 if cp == natural.get(sc, "none") or cp == "none" else (1 if cp == "refit" else 2)
+                    if cp == "none" or (sc, cp) == ("obs", "refit"):
+                        t = 0
+                    elif (sc, cp) in (("flap", "bias"), ("wanda_sp", "refit")):
+                        t = 1
+                    else:
+                        t = 2 if cp == "refit" else 3
                     if t == tier and (sc, sp, cp) not in done:
                         cells.append((sc, sp, cp))
+    res["grid"] = [list(c) for c in sorted(done | set(cells))]
     score_cache: dict = {}
     for sc, sp, cp in cells:
         if sc not in SCORERS:

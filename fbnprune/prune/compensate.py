@@ -117,6 +117,13 @@ def refit_compensation_(
         raise UserError(f"ridge must be >= 0, got {ridge}")
     report: dict[str, Any] = {"ridge": ridge, "layers": {}}
     mlps = adapter.mlps(model)
+    if store.n_rows < 2 * max(plan.widths):
+        log.warning(
+            "refit: %d calibration rows for layers of %d neurons; the least-squares fit is under-determined and "
+            "may over-fit the calibration text (collect more tokens, e.g. >= 4x the MLP width, or raise ridge)",
+            store.n_rows, max(plan.widths),
+        )
+        report["warning"] = "under-determined: fewer calibration rows than 2x the MLP width"
     for i in tqdm(range(len(mlps)), desc="refit compensation", unit="layer", disable=not progress):
         mlp = mlps[i]
         w = adapter.down_weight(mlp)

@@ -1,4 +1,8 @@
-"""Every scorer end to end on the real SmolLM2-135M (short: 2 calibration windows, 1 evaluation window)."""
+"""Every scorer end to end on the real SmolLM2-135M (short: 2 calibration windows, 2 evaluation windows).
+
+Layer 0 is protected: on SmolLM2 its MLP is where the massive activations come from, and a data-free scorer
+(random, magnitude) that prunes 30 % of it raises the perplexity by a factor of ~50 by itself.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fbnprune.arch import get_adapter
 from fbnprune.collect import capture_activations, make_sequences
 from fbnprune.evaluate import perplexity
 from fbnprune.evaluate.ppl import token_stream
-from fbnprune.prune import SCORERS, ScoreContext, apply_plan_, count_params, make_plan, score_neurons
+from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
 from fbnprune.prune.gram import clear_gram_cache
 
@@ -36,7 +40,7 @@ def setup(tmp_path_factory):
     return lm.model, calib, store, toks, dense
 
 
-@pytest.mark.parametrize("method", sorted(set(SCORERS.names()) - {"fbn"}))
+@pytest.mark.parametrize("method", ["random", "magnitude", "wanda_sp", "flap", "taylor", "obs"])
 def test_scorer_end_to_end_on_smollm2(setup, method):
     clear_gram_cache()
     model, calib, store, toks, dense = setup
@@ -44,13 +48,16 @@ def test_scorer_end_to_end_on_smollm2(setup, method):
     ctx = ScoreContext(model=model, adapter=ad, store=store, sequences=calib.sequences,
                        options={"sparsity": 0.3, "obs_steps": 2})
     scores = score_neurons(method, ctx)
-    plan = make_plan(scores, sparsity=0.3, model=model, adapter=ad)
-    assert plan.kept_widths == [1072] * 30  # 1536 * 0.7 = 1075.2 -> nearest multiple of 8
+    plan = make_plan(scores, sparsity=0.3, model=model, adapter=ad, protected=[0])
+    # 0.3 * 46080 = 13824 neurons from 29 layers = 476.7 each -> 480 (nearest multiple of 8): 1056 kept
+    assert plan.kept_widths == [1536] + [1056] * 29 and plan.n_removed == 29 * 480
     m = copy.deepcopy(model)
     compensate_(m, plan, store, "refit" if method == "obs" else "bias")
     apply_plan_(m, plan, "slice")
-    assert m.config.intermediate_size == 1072 and m.config.mlp_bias is True
-    # 464 neurons x (gate row + up row + down column) removed per layer; mlp_bias adds gate/up/down biases
-    assert count_params(m) == count_params(model) - 30 * 464 * 3 * 576 + 30 * (2 * 1072 + 576)
+    assert m.config.fbnprune_layer_widths == plan.kept_widths and m.config.mlp_bias is True
+    # 480 neurons x (gate row + up row + down column) removed per layer; mlp_bias adds gate/up/down biases
+    biases = 2 * 1536 + 576 + 29 * (2 * 1056 + 576)
+    assert count_params(m) == count_params(model) - 29 * 480 * 3 * 576 + biases
     ppl = perplexity(m, toks, seq_len=256, progress=False)["ppl"]
-    assert math.isfinite(ppl) and dense < ppl < 20 * dense
+    bound = 1000 if method in ("random", "magnitude") else 10
+    assert math.isfinite(ppl) and dense < ppl < bound * dense
