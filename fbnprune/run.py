@@ -140,7 +140,13 @@ def discover_stage(r: Run) -> None:
 def plan_stage(r: Run) -> KeepPlan:
     p = r.recipe.prune
     model = r.lm.model
-    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": p.sparsity}
+    sparsity = p.sparsity
+    if sparsity is None:  # obs needs the neuron fraction; derive it from the parameter budget
+        from fbnprune.prune.plan import params_per_neuron
+
+        total = sum(r.adapter.width(m) for m in r.adapter.mlps(model))
+        sparsity = p.param_fraction * count_params(model) / params_per_neuron(model, r.adapter) / total
+    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": sparsity}
     if r.networks is not None:
         options["networks"] = r.networks
     ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,
@@ -202,8 +208,28 @@ def evaluate_model(r: Run, model: Any, label: str, ppl_inputs: list[tuple[Any, t
     if ev is not None and ev.tasks:
         from fbnprune.evaluate.harness import evaluate_tasks
 
-        res["tasks"] = evaluate_tasks(model, r.lm.tokenizer, ev.tasks, limit=ev.limit, batch_size=ev.batch_size)
+        res["tasks"] = evaluate_tasks(model, r.lm.tokenizer, ev.tasks, limit=ev.limit, batch_size=ev.batch_size,
+                                      blimp_per_paradigm=ev.blimp_per_paradigm, engine=ev.engine,
+                                      subset=ev.subset, subset_seed=ev.subset_seed)
+    if ev is not None:
+        from fbnprune.evaluate.speed import model_stats
+
+        res["stats"] = model_stats(model, r.lm.tokenizer, speed=ev.speed)
     return res
+
+
+def retention_report_stage(r: Run, ppl_inputs: list[tuple[Any, torch.Tensor]]) -> None:
+    """Dense vs pruned, per task and perplexity, with ratios; written as JSON and Markdown, printed at the end."""
+    from fbnprune.evaluate.report import retention_report
+
+    res = r.report["results"]
+    d, p = res["dense"], res["pruned"]
+    lab = {f"ppl_{pc.source}_{pc.seq_len}": f"{pc.source}@{pc.seq_len}" for pc, _ in ppl_inputs}
+    r.report["retention"] = retention_report(
+        d.get("tasks") or {"tasks": {}}, p.get("tasks") or {"tasks": {}}, d.get("stats"), p.get("stats"),
+        dense_ppl={v: d[k] for k, v in lab.items()}, pruned_ppl={v: p[k] for k, v in lab.items()},
+        agreement=p.get("retention"),
+    )
 
 
 def retention_stage(r: Run) -> None:
@@ -232,6 +258,10 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
         if r.plan is not None:
             r.plan.save(tmp / "keep_plan.json")
         (tmp / "report.json").write_text(json.dumps(r.report, indent=2, default=str))
+        if "retention" in r.report:
+            from fbnprune.evaluate.report import to_markdown
+
+            (tmp / "retention.md").write_text(to_markdown(r.report["retention"]))
         if export:
             from fbnprune.export.card import networks_from_set
 
@@ -243,6 +273,10 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
                       extra_json={"fbnprune_keep_plan.json": r.plan.to_json()})
 
     atomic_dir(out, write)
+    if "retention" in r.report:
+        from fbnprune.evaluate.report import print_report
+
+        print_report(r.report["retention"])
     layout = ""
     if export:
         from fbnprune.export.hf import read_manifest
@@ -294,6 +328,7 @@ def run(
         results["pruned"] = evaluate_model(r, r.lm.model, "pruned", ppl_inputs)
         retention_stage(r)
         r.dense = None
+        retention_report_stage(r, ppl_inputs)
     r.report["provenance"] = provenance(recipe, r.lm.info)
     r.report["seconds"] = round(time.perf_counter() - t0, 1)
     write_outputs(r, out, stages)

@@ -268,8 +268,8 @@ def _run(lm: Any, names: list[str], tm: Any, limit: int | None) -> dict[str, Any
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-                   blimp_per_paradigm: int | None = 100, engine: str = "packed", progress: bool = True
-                   ) -> dict[str, Any]:
+                   blimp_per_paradigm: int | None = 100, engine: str = "packed", progress: bool = True,
+                   subset: int | None = None, subset_seed: int = 0) -> dict[str, Any]:
     """Zero-shot lm-eval tasks on the in-memory ``model``; every setting is recorded in the result.
 
     Args:
@@ -279,6 +279,9 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
         batch_size: rows per forward pass (packed) or requests per forward pass (hflm).
         blimp_per_paradigm: score a fixed seeded subset of this many items of each blimp file (of 1000); None = all.
         engine: ``packed`` (default) or ``hflm`` (lm-eval's own loop).
+        subset: score a fixed seeded subset of this many items of each offline (non-blimp) task; the result records
+            it. Unlike ``limit`` this is a fair protocol for comparisons (the leaderboard uses it).
+        subset_seed: seed of that subset.
 
     Returns: ``{"tasks": {name: {metric: value, metric_stderr: value, "items": n, ...}}, "settings": {...}}``.
     """
@@ -307,7 +310,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
         from lm_eval.tasks import TaskManager
 
         if offline:
-            prep = prepare_offline_tasks(offline, blimp_per_paradigm=per_par)
+            prep = prepare_offline_tasks(offline, blimp_per_paradigm=per_par, subset=subset, subset_seed=subset_seed)
             info = prep.info
             tm = TaskManager(include_path=str(prep.include_path), include_defaults=False)
             r = _run(lm, offline, tm, limit)
@@ -351,6 +354,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
         "limit": limit,
         "limit_note": LIMIT_NOTE.format(limit=limit) if limit is not None else None,
         "blimp_per_paradigm": per_par,
+        "subset": None if subset is None else {"items": subset, "seed": subset_seed},
         "lm_eval": getattr(lm_eval, "__version__", "unknown"),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),

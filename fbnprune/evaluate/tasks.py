@@ -327,13 +327,31 @@ class PreparedTasks:
     info: dict[str, Any]  # per task: files, items, subset
 
 
+def seeded_subset(docs: list[dict[str, Any]], items: int | None, seed: int) -> list[dict[str, Any]]:
+    """A fixed random subset of ``items`` docs (in their original order); all docs when ``items`` is None or larger.
+
+    Unlike lm-eval's ``limit`` (the first N items, often sorted by source), a seeded subset is representative and
+    is the same for every model and method, which is what a leaderboard needs.
+    """
+    if items is None or items >= len(docs):
+        return docs
+    import random
+
+    idx = sorted(random.Random(seed).sample(range(len(docs)), items))
+    return [docs[i] for i in idx]
+
+
 def prepare_offline_tasks(names: list[str], *, root: Path | None = None,
                           blimp_per_paradigm: int | None = DEFAULT_BLIMP_PER_PARADIGM,
-                          out_dir: Path | None = None) -> PreparedTasks:
+                          out_dir: Path | None = None, subset: int | None = None,
+                          subset_seed: int = 0) -> PreparedTasks:
     """Convert the data of ``names`` (offline task names) and write their YAMLs; returns the include path.
 
-    The standard task YAML is ``include``-d by absolute path, so the prompt is lm-eval's own.
+    The standard task YAML is ``include``-d by absolute path, so the prompt is lm-eval's own. ``subset`` keeps a
+    fixed seeded subset of that many items of each non-blimp task (see :func:`seeded_subset`).
     """
+    if subset is not None and subset <= 0:
+        raise UserError(f"subset must be a positive number of items, got {subset}")
     if not names:
         raise UserError("no tasks given")
     unknown = [n for n in names if not is_offline_task(n)]
@@ -350,12 +368,15 @@ def prepare_offline_tasks(names: list[str], *, root: Path | None = None,
                 singles.append(s)
     rels = sorted({f for s in singles for f in (OFFLINE_TASKS[s].files if s in OFFLINE_TASKS
                                                  else (f"blimp/{s[len('blimp_'):]}.jsonl",))})
-    key = _source_fingerprint(root, rels) + f"-b{blimp_per_paradigm}"
+    key = _source_fingerprint(root, rels) + f"-b{blimp_per_paradigm}" + (f"-s{subset}.{subset_seed}" if subset else "")
     base = out_dir if out_dir is not None else cache_dir() / "lm_eval_tasks" / key
     base.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {}
     for s in singles:
         docs = read_docs(s, root, blimp_per_paradigm=blimp_per_paradigm)
+        n_all = len(docs)
+        if s in OFFLINE_TASKS:
+            docs = seeded_subset(docs, subset, subset_seed)
         data_file = base / f"{s}.jsonl"
         _write_jsonl(data_file, docs)
         if s in OFFLINE_TASKS:
@@ -363,6 +384,8 @@ def prepare_offline_tasks(names: list[str], *, root: Path | None = None,
             cfg = _task_yaml(s, std / spec.std_yaml, spec.split, data_file)
             info[s] = {"files": [str(root / f) for f in spec.files], "items": len(docs),
                        "mirrors": f"lm_eval/tasks/{spec.std_yaml}"}
+            if len(docs) < n_all:
+                info[s]["subset"] = {"items": len(docs), "of": n_all, "seed": subset_seed}
         else:
             par = s[len("blimp_"):]
             cfg = _task_yaml(s, std / "blimp" / f"{par}.yaml", "train", data_file,

@@ -100,7 +100,12 @@ class EvaluateConfig(Strict):
     perplexity: list[PerplexityConfig] = Field(default_factory=lambda: [PerplexityConfig()])
     retention: RetentionConfig | None = Field(default_factory=RetentionConfig)
     tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, gt=0, description="items per task; for smoke tests only")
+    limit: int | None = Field(None, gt=0, description="first N items per task; for smoke tests only")
+    subset: int | None = Field(None, gt=0, description="fixed seeded subset of N items per task (fair, unlike limit)")
+    subset_seed: int = 0
+    blimp_per_paradigm: int | None = Field(100, gt=0, description="fixed seeded subset of each blimp file; null = all 1000")
+    engine: Literal["packed", "hflm"] = "packed"
+    speed: bool = Field(True, description="measure generation tokens/s of the dense and pruned models")
     batch_size: int = Field(8, ge=1)
 
 

@@ -161,3 +161,18 @@ def test_unknown_offline_name():
     assert not T.is_offline_task("piqaa")
     with pytest.raises(UserError, match="'piqaa' is not an offline task"):
         T.read_docs("piqaa")
+
+
+def test_seeded_subset_is_fixed_representative_and_recorded(tmp_path):
+    from fbnprune.evaluate.tasks import prepare_offline_tasks, read_docs, seeded_subset
+
+    docs = [{"i": i} for i in range(50)]
+    a, b = seeded_subset(docs, 10, 0), seeded_subset(docs, 10, 0)
+    assert a == b and len(a) == 10 and a != docs[:10]  # not lm-eval's "first N"
+    assert [d["i"] for d in a] == sorted(d["i"] for d in a)
+    assert seeded_subset(docs, 10, 1) != a and seeded_subset(docs, None, 0) == docs
+    prep = prepare_offline_tasks(["copa"], subset=30, subset_seed=0, out_dir=tmp_path)
+    assert prep.info["copa"]["items"] == 30 and prep.info["copa"]["subset"] == {"items": 30, "of": 100, "seed": 0}
+    lines = (tmp_path / "copa.jsonl").read_text().splitlines()
+    full = read_docs("copa")
+    assert len(lines) == 30 and [json.loads(x) for x in lines] == seeded_subset(full, 30, 0)
