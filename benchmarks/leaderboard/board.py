@@ -1,0 +1,163 @@
+"""Build the leaderboard from the cell results: Markdown tables, ``results/summary.csv`` and PNG plots.
+
+    python benchmarks/leaderboard/board.py
+
+Reads ``results/<model>/*.json`` written by ``run.py``. Retention = pruned mean accuracy / dense mean accuracy
+over the protocol's tasks (acc_norm for arc_challenge and openbookqa, acc elsewhere).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PRIMARY = {"arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+CSV_COLUMNS = ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "mean_acc", "retention", "params"]
+
+
+def load_cells(model_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(model_dir.glob("*.json"))]
+
+
+def task_acc(cell: dict[str, Any], task: str) -> float | None:
+    t = cell["eval_info"]["tasks"]["tasks"].get(task)
+    if t is None:
+        return None
+    return t.get(PRIMARY.get(task, "acc"))
+
+
+def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dict[str, Any]:
+    ri, ev = cell["run_info"], cell["eval_info"]
+    accs = [task_acc(cell, t) for t in tasks]
+    mean = sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
+    method = ri["method"]
+    if ri.get("compensate", "none") != "none":
+        method = f"{method}+{ri['compensate']}"
+    return {
+        "cell": ri["cell"],
+        "method": method,
+        "sparsity": round(float(ri["sparsity"]), 4),
+        "allocation": ri.get("allocation", "-"),
+        "ppl128": ev["ppl128"]["ppl"],
+        "ppl2048": ev["ppl2048"]["ppl"],
+        "accs": accs,
+        "mean_acc": mean,
+        "retention": (mean / dense_mean) if (mean is not None and dense_mean) else None,
+        "params": ev["params"],
+        "seconds": cell["meta_info"].get("seconds"),
+    }
+
+
+def fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}" if abs(x) < 1e5 else f"{x:.3g}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        key = r["method"] + ("" if r["allocation"] == "uniform" else f" ({r['allocation']})")
+        by_method.setdefault(key, []).append(r)
+    for metric, ylabel, log in (("retention", "mean-accuracy retention vs dense", False),
+                                ("ppl128", "WikiText-2 perplexity (seq 128, log scale)", True)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, rs in sorted(by_method.items()):
+            rs = sorted((r for r in rs if r[metric] is not None), key=lambda r: r["sparsity"])
+            if rs:
+                ax.plot([r["sparsity"] for r in rs], [r[metric] for r in rs], marker="o", label=m)
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        if dense and metric == "ppl128":
+            ax.axhline(dense["ppl128"], color="k", ls="--", lw=1, label="dense")
+        if metric == "retention":
+            ax.axhline(1.0, color="k", ls="--", lw=1, label="dense")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("fraction of MLP neurons removed")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{model}: {metric} vs sparsity (leaderboard protocol)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        name = f"{model}-{metric}.png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def main() -> int:
+    proto = yaml.safe_load((HERE / "protocol.yaml").read_text())
+    tasks = proto["tasks"]
+    results = HERE / "results"
+    md = ["# fbnprune leaderboard", "",
+          "Every method runs through the same engine, data and evaluation. Pinned protocol "
+          f"(`protocol.yaml`, version {proto['version']}): calibration {proto['calibration']['n_tokens']} tokens of "
+          f"{proto['calibration']['source']} (seed {proto['calibration']['seed']}); token perplexity on the first "
+          f"{proto['perplexity']['max_tokens']:,} tokens of {proto['perplexity']['source']} in non-overlapping windows of "
+          f"128 and 2048 tokens; zero-shot accuracy on a fixed seeded subset of {proto['task_subset']['items']} items "
+          f"(seed {proto['task_subset']['seed']}) of each of {', '.join(tasks)} ({proto['metric']}). "
+          "Retention = pruned mean accuracy / dense mean accuracy. Subsets make the accuracies noisy "
+          "(standard error about 0.05 per task, 0.02 on the mean): read small differences as ties.", "",
+          "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
+          "`python benchmarks/leaderboard/board.py`.", ""]
+    csv_rows = []
+    for model_dir in sorted(p for p in results.iterdir() if p.is_dir()):
+        model = model_dir.name
+        cells = load_cells(model_dir)
+        if not cells:
+            continue
+        dense = next((c for c in cells if c["run_info"]["method"] == "dense"), None)
+        dense_row = row(dense, tasks, None) if dense else None
+        dense_mean = dense_row["mean_acc"] if dense_row else None
+        rows = [row(c, tasks, dense_mean) for c in cells]
+        rows.sort(key=lambda r: (r["sparsity"], r["method"] != "dense", r["ppl128"]))
+        meta = (dense or cells[0])["meta_info"]
+        m = meta.get("machine", {})
+        md += [f"## {model}", "",
+               f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads "
+               f"(load average at start {tuple(round(x, 1) for x in m.get('loadavg_at_start', ()))}). "
+               f"Command: `{meta.get('command')}`. Date: {meta.get('provenance', {}).get('date')}. "
+               f"Cells measured: {len(cells)}.", ""]
+        head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", *tasks, "mean acc", "retention", "params"]
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            md.append("| " + " | ".join([r["method"], f"{r['sparsity']:.0%}" if r["method"] != "dense" else "0%",
+                                         r["allocation"], fmt(r["ppl128"], 2), fmt(r["ppl2048"], 2),
+                                         *[fmt(a) for a in r["accs"]], fmt(r["mean_acc"]), fmt(r["retention"]),
+                                         fmt(r["params"])]) + " |")
+            csv_rows.append({"model": model, "method": r["method"], "sparsity": r["sparsity"],
+                             "allocation": r["allocation"], "ppl128": r["ppl128"], "ppl2048": r["ppl2048"],
+                             "mean_acc": r["mean_acc"], "retention": 1.0 if r["method"] == "dense" else r["retention"],
+                             "params": r["params"]})
+        md.append("")
+        for f in plots(model, rows, results):
+            md.append(f"![{f}](results/{f})")
+        md.append("")
+    (HERE / "README.md").write_text("\n".join(md) + "\n")
+    with (results / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(csv_rows)
+    print(f"wrote {HERE / 'README.md'} and {results / 'summary.csv'} ({len(csv_rows)} rows)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Run the leaderboard grid for one model: every bundled recipe of that model under one pinned protocol.
+
+    python benchmarks/leaderboard/run.py --model smollm2-135m            # all cells, resumable
+    python benchmarks/leaderboard/run.py --model smollm2-135m --cells 'wanda_sp-*' 'fbn-30'
+    python benchmarks/leaderboard/board.py                                # tables, CSV and plots
+
+The cells are the bundled recipes ``fbnprune/recipes/<model>/*.yaml`` (method, sparsity, allocation,
+compensation); their evaluate sections are replaced by ``protocol.yaml``, so every method is measured the same
+way. The model is loaded once; calibration activations and networks are computed once (cached by content) and
+reused by every cell; each cell prunes a fresh copy of the dense model. One JSON per cell goes to
+``results/<model>/<cell>.json``; finished cells are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from fbnprune.evaluate.ppl import perplexity, token_stream  # noqa: E402
+from fbnprune.models import LoadedModel  # noqa: E402
+from fbnprune.recipe import bundled_recipes, load_recipe  # noqa: E402
+from fbnprune.run import Run, collect_stage, discover_stage, load, plan_stage, provenance, prune_stage, say  # noqa: E402
+
+
+def protocol() -> dict[str, Any]:
+    return yaml.safe_load((HERE / "protocol.yaml").read_text())
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
+
+
+def evaluate(model: Any, tokenizer: Any, proto: dict[str, Any], streams: dict[int, Any]) -> dict[str, Any]:
+    from fbnprune.evaluate.harness import evaluate_tasks
+
+    out: dict[str, Any] = {}
+    for seq_len, toks in streams.items():
+        r = perplexity(model, toks, seq_len=seq_len, batch_size=max(1, 4096 // seq_len), desc=f"ppl@{seq_len}")
+        out[f"ppl{seq_len}"] = r
+    sub = proto["task_subset"]
+    t = evaluate_tasks(model, tokenizer, proto["tasks"], batch_size=proto["batch_size"],
+                       subset=sub["items"], subset_seed=sub["seed"])
+    out["tasks"] = t
+    return out
+
+
+def cell_names(model: str) -> dict[str, Path]:
+    return {k.split("/", 1)[1]: v for k, v in bundled_recipes().items() if k.startswith(model + "/")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, choices=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--cells", nargs="*", default=["*"], help="glob patterns of cell names (default: all)")
+    args = ap.parse_args(argv)
+    proto = protocol()
+    cells = {n: p for n, p in sorted(cell_names(args.model).items())
+             if any(fnmatch.fnmatch(n, pat) for pat in args.cells)}
+    out_dir = HERE / "results" / args.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in cells if not (out_dir / f"{n}.json").is_file()]
+    say(f"{args.model}: {len(cells)} cells selected, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    dense_file = out_dir / "dense.json"
+    if not todo and dense_file.is_file():
+        return 0
+    c = proto["calibration"]
+    calib = [f"collect.source={c['source']}", f"collect.n_tokens={c['n_tokens']}", f"collect.seq_len={c['seq_len']}",
+             f"collect.seed={c['seed']}", "collect.keep_activations=true"]
+    first = load_recipe(next(iter(cells.values())), calib)
+    base = load(first)
+    collect_stage(base)
+    dense_model = base.lm.model
+    pp = proto["perplexity"]
+    streams = {L: token_stream(base.lm.tokenizer, pp["source"], pp["max_tokens"]) for L in pp["seq_lens"]}
+    meta = {"protocol": proto, "machine": machine(), "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
+    if not dense_file.is_file():
+        t0 = time.perf_counter()
+        res = evaluate(dense_model, base.lm.tokenizer, proto, streams)
+        from fbnprune.prune.plan import count_params
+
+        res["params"] = count_params(dense_model)
+        _write(dense_file, {"run_info": {"cell": "dense", "method": "dense", "sparsity": 0.0, "allocation": "-",
+                                         "compensate": "none"},
+                            "eval_info": res, "meta_info": dict(meta, seconds=round(time.perf_counter() - t0, 1),
+                                                                 provenance=provenance(first, base.lm.info))})
+    for name in todo:
+        t0 = time.perf_counter()
+        recipe = load_recipe(cells[name], calib)
+        lm = LoadedModel(model=copy.deepcopy(dense_model), tokenizer=base.lm.tokenizer, source=base.lm.source,
+                         info=base.lm.info)
+        r = Run(recipe=recipe, lm=lm, adapter=base.adapter, have_data=base.have_data, calib=base.calib,
+                store=base.store)
+        say(f"cell {name}")
+        discover_stage(r)
+        plan_stage(r)
+        prune_stage(r)
+        res = evaluate(r.lm.model, r.lm.tokenizer, proto, streams)
+        from fbnprune.prune.plan import count_params
+
+        res["params"] = count_params(r.lm.model)
+        p = recipe.prune
+        _write(out_dir / f"{name}.json", {
+            "run_info": {"cell": name, "recipe": recipe.model_dump(mode="json"), "method": p.method,
+                         "sparsity": r.plan.sparsity, "target_sparsity": p.sparsity, "allocation": p.allocation,
+                         "compensate": p.compensate, "kept_widths": r.plan.kept_widths},
+            "eval_info": res,
+            "meta_info": dict(meta, seconds=round(time.perf_counter() - t0, 1), loadavg_at_end=os.getloadavg(),
+                              provenance=provenance(recipe, base.lm.info)),
+        })
+        del r, lm
+    return 0
+
+
+def _write(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+    say(f"wrote {path.relative_to(HERE)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

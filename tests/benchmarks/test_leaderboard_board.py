@@ -1,0 +1,62 @@
+"""The leaderboard builder: exact CSV columns, retention vs dense, Markdown and plots from cell JSONs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+BOARD = Path(__file__).resolve().parents[2] / "benchmarks" / "leaderboard"
+
+
+def cell(name, method, sparsity, accs, ppl, params, compensate="none", allocation="uniform"):
+    tasks = {t: {"acc": a, "acc_norm": a} for t, a in zip(
+        ["piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa"], accs)}
+    return {"run_info": {"cell": name, "method": method, "sparsity": sparsity, "allocation": allocation,
+                         "compensate": compensate},
+            "eval_info": {"ppl128": {"ppl": ppl}, "ppl2048": {"ppl": ppl * 0.8}, "tasks": {"tasks": tasks},
+                          "params": params},
+            "meta_info": {"seconds": 1.0, "command": "python run.py", "machine": {"cpu": "x", "cores": 2,
+                                                                                  "loadavg_at_start": [0, 0, 0]}}}
+
+
+@pytest.fixture
+def board(tmp_path):
+    d = tmp_path / "leaderboard"
+    d.mkdir()
+    for f in ("board.py", "protocol.yaml"):
+        shutil.copy(BOARD / f, d / f)
+    res = d / "results" / "m"
+    res.mkdir(parents=True)
+    cells = [cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-"),
+             cell("wanda_sp-30", "wanda_sp", 0.3, [0.54] * 6, 30.0, 80),
+             cell("obs-refit-30", "obs", 0.3, [0.57] * 6, 25.0, 80, compensate="refit"),
+             cell("fbn-global-30", "fbn", 0.3, [0.3] * 6, 90.0, 80, allocation="global")]
+    for c in cells:
+        (res / f"{c['run_info']['cell']}.json").write_text(json.dumps(c))
+    spec = importlib.util.spec_from_file_location("board", d / "board.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return d, mod
+
+
+def test_summary_csv_and_markdown(board):
+    d, mod = board
+    assert mod.main() == 0
+    with (d / "results" / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "mean_acc",
+                             "retention", "params"]
+    by = {(r["method"], r["allocation"]): r for r in rows}
+    assert float(by[("dense", "-")]["retention"]) == 1.0 and float(by[("dense", "-")]["sparsity"]) == 0.0
+    assert float(by[("wanda_sp", "uniform")]["retention"]) == pytest.approx(0.9)
+    assert float(by[("obs+refit", "uniform")]["retention"]) == pytest.approx(0.95)
+    assert float(by[("fbn", "global")]["ppl2048"]) == pytest.approx(72.0)
+    md = (d / "README.md").read_text()
+    assert "| obs+refit | 30% | uniform | 25.00 |" in md
+    assert (d / "results" / "m-retention.png").stat().st_size > 1000
+    assert (d / "results" / "m-ppl128.png").stat().st_size > 1000
