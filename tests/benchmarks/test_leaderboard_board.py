@@ -15,7 +15,7 @@ BOARD = Path(__file__).resolve().parents[2] / "benchmarks" / "leaderboard"
 
 def cell(name, method, sparsity, accs, ppl, params, compensate="none", allocation="uniform"):
     tasks = {t: {"acc": a, "acc_norm": a} for t, a in zip(
-        ["piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa"], accs)}
+        ["piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa"], accs, strict=True)}
     return {"run_info": {"cell": name, "method": method, "sparsity": sparsity, "allocation": allocation,
                          "compensate": compensate},
             "eval_info": {"ppl128": {"ppl": ppl}, "ppl2048": {"ppl": ppl * 0.8}, "tasks": {"tasks": tasks},
