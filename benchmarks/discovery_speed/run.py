@@ -15,6 +15,8 @@ Protocol (recorded in results.json):
 * ``fbnprune``: ``discover_networks`` (torch backend) on the same rows, timing from load to scores;
 * ``forward``: the forward passes over the same 40 texts (batch 4, right padding, no hooks), which is what the
   collect stage costs for one run;
+* CPU seconds (``process_time``) are recorded next to wall seconds: on a shared machine they are the fairer
+  comparison between phases run at different times;
 * ``jaccard``: overlap of the neuron sets kept at the same budget (global top-N by score over all layers, as the
   reference's single global threshold does), at several kept fractions; the headline is 80 % kept.
 
@@ -92,12 +94,13 @@ def phase_forward(lm, batch, n_texts: int) -> dict[str, Any]:
     with torch.no_grad():
         ids, mask = pad_batch(seqs[:2], 0)
         model(input_ids=ids, attention_mask=mask, use_cache=False)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in range(0, len(seqs), 4):
             ids, mask = pad_batch(seqs[b : b + 4], 0)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        dt = time.perf_counter() - t0
-    return {"forward_s": round(dt, 2), "tokens": int(sum(len(s) for s in seqs)), "load_avg_after": load_avg()}
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"forward_s": round(dt, 2), "forward_cpu_s": round(cpu, 2), "tokens": int(sum(len(s) for s in seqs)),
+            "load_avg_after": load_avg()}
 
 
 def reference_layer(x: np.ndarray, k: int, restarts: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -147,10 +150,11 @@ def phase_reference(store, rows: np.ndarray, k: int, restarts: int, seed: int, t
         for layer in layers:
             if str(layer) in state["layers"]:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             x = np.array(store.layer(layer)[rows[0] : rows[-1] + 1])
             score, info = reference_layer(x, k, restarts, seed)
             info["seconds"] = round(time.perf_counter() - t0, 3)
+            info["cpu_seconds"] = round(time.process_time() - c0, 3)
             info["load_avg"] = load_avg()
             np.save(out / f"reference_scores_{layer:03d}.npy", score.astype(np.float32))
             state["layers"][str(layer)] = info
@@ -182,14 +186,15 @@ def phase_fbnprune(store, cfg: DiscoverConfig) -> tuple[list[np.ndarray], dict[s
         reset = True
     except OSError:
         reset = False
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tensors, summary = discover_networks(store, cfg, progress=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _rss_kib("VmHWM")
     scores = [tensors[f"score.{i}"].numpy() for i in range(store.n_layers)]
     att = summary["runs"][0]["attempts"][-1]
     return scores, {
         "fbnprune_s": round(dt, 2),
+        "fbnprune_cpu_s": round(cpu, 2),
         "timing_s": summary["timing_s"],
         "iterations_mean": att["iterations_mean"],
         "iterations_max": att["iterations_max"],
@@ -256,7 +261,7 @@ def _touched(phases: list[str]) -> set[str]:
     keys = {"model", "layers", "neurons_per_layer", "components", "restarts", "texts", "rows", "machine", "command",
             "git_sha", "activation_bytes_one_layer_block"}
     if "forward" in phases:
-        keys |= {"forward_s", "tokens", "forward_load_avg"}
+        keys |= {"forward_s", "forward_cpu_s", "tokens", "forward_load_avg"}
     if "fbnprune" in phases:
         keys |= {"fbnprune", "fbnprune_s"}
     if "fbnprune_seed2" in phases:
@@ -307,7 +312,8 @@ def main() -> None:
     })
     if "forward" in phases:
         r = phase_forward(lm, batch, args.texts)
-        results.update(forward_s=r["forward_s"], tokens=r["tokens"], forward_load_avg=r["load_avg_after"])
+        results.update(forward_s=r["forward_s"], forward_cpu_s=r["forward_cpu_s"], tokens=r["tokens"],
+                       forward_load_avg=r["load_avg_after"])
         print("forward", r, flush=True)
     if "fbnprune" in phases:
         scores, r = phase_fbnprune(sub, cfg)
