@@ -258,7 +258,7 @@ def _report(out: Path, n_layers: int, results: dict[str, Any]) -> dict[str, Any]
 
 
 def _touched(phases: list[str]) -> set[str]:
-    keys = {"model", "layers", "neurons_per_layer", "components", "restarts", "texts", "rows", "machine", "command",
+    keys = {"model", "layers", "neurons_per_layer", "components", "restarts", "texts", "rows", "machine", "commands",
             "git_sha", "activation_bytes_one_layer_block"}
     if "forward" in phases:
         keys |= {"forward_s", "forward_cpu_s", "tokens", "forward_load_avg"}
@@ -305,7 +305,8 @@ def main() -> None:
         "model": args.model, "layers": store.n_layers, "neurons_per_layer": store.widths[0],
         "components": args.components, "restarts": args.restarts, "texts": args.texts, "rows": int(rows.size),
         "machine": machine(args.threads),
-        "command": "nice -n 5 .venv/bin/python benchmarks/discovery_speed/run.py " + " ".join(sys.argv[1:]),
+        "commands": dict(results.get("commands", {}), **{
+            args.phases: "nice -n 5 .venv/bin/python benchmarks/discovery_speed/run.py " + " ".join(sys.argv[1:])}),
         "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                   cwd=HERE).stdout.strip(),
         "activation_bytes_one_layer_block": int(rows.size * store.widths[0] * 4),
