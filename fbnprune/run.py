@@ -123,13 +123,17 @@ def collect_stage(r: Run) -> None:
 
 
 def discover_stage(r: Run) -> None:
-    if r.recipe.prune.method != "fbn":
+    if not r.recipe.prune.method.startswith("fbn"):
         return
     from fbnprune.discover import DiscoverConfig, run_discovery
 
     if r.store is None:
         raise UserError("prune.method fbn needs a collect section")
-    cfg = r.recipe.discover or DiscoverConfig()
+    cfg = r.recipe.discover
+    if cfg is None:  # reference settings; blocks of 40 texts need document-mode calibration, else 2048 rows
+        packed = r.recipe.collect is not None and r.recipe.collect.mode == "pack"
+        cfg = DiscoverConfig(block_texts=None, block_rows=2048) if packed else DiscoverConfig()
+        r.note(f"discover: default settings ({'blocks of 2048 tokens' if packed else 'blocks of 40 texts'})")
     r.networks = run_discovery(r.store, cfg)
     s = r.networks.summary
     say(f"networks: {s.get('runs_ok')} ICA run(s) ok, {s.get('runs_failed', 0)} failed -> {r.networks.path}")
@@ -146,7 +150,8 @@ def plan_stage(r: Run) -> KeepPlan:
 
         total = sum(r.adapter.width(m) for m in r.adapter.mlps(model))
         sparsity = p.param_fraction * count_params(model) / params_per_neuron(model, r.adapter) / total
-    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": sparsity}
+    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": sparsity,
+                               "discover": r.recipe.discover or {}}
     if r.networks is not None:
         options["networks"] = r.networks
     ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,

@@ -6,17 +6,12 @@ methods measures the scoring rule and nothing else.
 
 from __future__ import annotations
 
-import importlib.util
-
 from fbnprune.prune.ops import apply_plan_
 from fbnprune.prune.plan import KeepPlan, count_params, make_plan
 from fbnprune.prune.scorers import SCORERS, ScoreContext, score_neurons
 
 # Scorers in their own modules register on import.
-from fbnprune.prune import obs, taylor  # noqa: E402,F401  isort: skip
-
-if importlib.util.find_spec("fbnprune.prune.fbn") is not None:  # written by the discovery stage
-    from fbnprune.prune import fbn  # noqa: F401
+from fbnprune.prune import fbn, fbn_variants, obs, taylor  # noqa: E402,F401  isort: skip
 
 from fbnprune.prune.compensate import bias_compensation_, compensate_, refit_compensation_  # noqa: E402
 
@@ -32,5 +27,3 @@ __all__ = [
     "refit_compensation_",
     "score_neurons",
 ]
-from fbnprune.prune import fbn as _fbn  # noqa: E402,F401  (registers the 'fbn' scorer)
-from fbnprune.prune import fbn_variants as _fbn_variants  # noqa: E402,F401  (fbn_obs, fbn_alloc, obs_global: docs/fbn-study.md)

@@ -150,6 +150,10 @@ class Recipe(Strict):
                     f"prune.method {self.prune.method!r} / compensate {self.prune.compensate!r} need stored "
                     "activations: set collect.keep_activations: true"
                 )
-        if self.discover is not None and method != "fbn":
-            raise ValueError("a discover section is only used by prune.method fbn")
+        if self.discover is not None and not method.startswith("fbn"):
+            raise ValueError("a discover section is only used by the fbn methods")
+        if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None
+                and self.collect.mode != "document"):
+            raise ValueError("discover.block_texts needs collect.mode: document (one text per sequence); "
+                             "with packed calibration use discover.block_rows")
         return self

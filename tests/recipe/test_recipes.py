@@ -55,3 +55,15 @@ def test_param_fraction_replaces_default_sparsity():
     assert r.prune.sparsity is None and r.prune.param_fraction == 0.1
     with pytest.raises(RecipeError, match="exactly one of sparsity or param_fraction"):
         load_recipe("quickstart", ["prune.param_fraction=0.1", "prune.sparsity=0.2"])
+
+
+def test_discover_blocks_must_match_collect_mode():
+    with pytest.raises(RecipeError, match="block_texts needs collect.mode: document"):
+        load_recipe("quickstart", ["prune.method=fbn", "collect.keep_activations=true", "discover.block_texts=40"])
+    r = load_recipe("quickstart", ["prune.method=fbn", "collect.keep_activations=true", "collect.mode=document",
+                                   "discover.block_texts=40"])
+    assert r.discover.block_texts == 40
+    with pytest.raises(RecipeError, match="need stored activations"):
+        load_recipe("quickstart", ["prune.method=obs"])
+    with pytest.raises(RecipeError, match="only used by the fbn methods"):
+        load_recipe("quickstart", ["discover.n_components=8"])
