@@ -10,7 +10,10 @@ ignores how errors propagate through later layers (perplexity does not).
 
 Selections (uniform width per layer unless noted): ``wanda_sp``, ``obs``, ``fbn_obs`` (beta 1 and 4, recurrence
 weights), ``fbn_maxz`` (max |z| over runs 0-2). (Allocation rules cannot be judged per layer.) Compensations:
-``none``, ``bias`` (FLAP mean), ``refit`` (ridge 1e-3 and 1e-2), ``netrefit`` (re-fit inside networks of runs 0-2).
+``none``, ``bias`` (FLAP mean), ``refit`` (ridge 1e-3 and 1e-1, shrinking toward zero as the engine does),
+``anchored`` (ridge 0.1 and 1 shrinking toward the ORIGINAL kept columns), ``netrefit`` (each pruned neuron rebuilt
+from the kept members of its networks, runs 0-2) and ``corrrefit`` (the control: the same number of kept neurons
+per pruned neuron, chosen by absolute correlation instead of networks).
 
     nice -n 10 .venv/bin/python benchmarks/fbn_rules/proxy.py --sparsity 0.3 --layers 0,3,...
 """
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--layers", default="", help="comma-separated layers (default: every third)")
+    ap.add_argument("--selections", default="wanda_sp,fbn_maxz,obs,fbn_obs_b1,fbn_obs_b4")
     ap.add_argument("--obs-steps", type=int, default=10, help="OBS rounds (fewer = cheaper on a loaded machine)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -90,13 +94,14 @@ def main() -> None:
         gf, gh = gram(arr, fit_rows), gram(arr, ho_rows)
         w = adapter.down_weight(adapter.mlps(model)[i]).detach().double()
         n = w.shape[1]
-        sel = {
-            "wanda_sp": top(gf.diagonal()[:n].sqrt() * w.norm(dim=0), k_uni),
-            "fbn_maxz": top(maxz[i], k_uni),
-            "obs": top(weighted_obs_order(gf, w, k_uni, None, args.obs_steps), k_uni),
-            "fbn_obs_b1": top(weighted_obs_order(gf, w, k_uni, 1 + rec[i], args.obs_steps), k_uni),
-            "fbn_obs_b4": top(weighted_obs_order(gf, w, k_uni, 1 + 4 * rec[i], args.obs_steps), k_uni),
+        make = {
+            "wanda_sp": lambda: top(gf.diagonal()[:n].sqrt() * w.norm(dim=0), k_uni),
+            "fbn_maxz": lambda: top(maxz[i], k_uni),
+            "obs": lambda: top(weighted_obs_order(gf, w, k_uni, None, args.obs_steps), k_uni),
+            "fbn_obs_b1": lambda: top(weighted_obs_order(gf, w, k_uni, 1 + rec[i], args.obs_steps), k_uni),
+            "fbn_obs_b4": lambda: top(weighted_obs_order(gf, w, k_uni, 1 + 4 * rec[i], args.obs_steps), k_uni),
         }
+        sel = {k: make[k]() for k in args.selections.split(",")}
         m_ = nets._t[f"net_members.{i}"]
         share = torch.zeros(n, n, dtype=torch.bool)
         for r in range(min(FIT_RUNS, int(m_.shape[0]))):
@@ -112,15 +117,39 @@ def main() -> None:
             c[:, n] = w[:, pruned] @ (gf[n, pruned] / gf[n, n])
             cands["bias"] = c
             idx = torch.cat([keep, torch.tensor([n])])
-            for r in (1e-3, 1e-2):
+            for r in (1e-3, 1e-1):
                 x = ridge_solve(gf, gf[idx, :n] @ w.T, idx, r)
                 c = torch.zeros_like(cands["none"])
                 c[:, keep], c[:, n] = x[:-1].T, x[-1]
                 cands[f"refit{r:g}"] = c
+            for r in (1e-1, 1.0):  # ridge toward the original weights instead of toward zero
+                a = gf[idx][:, idx].clone()
+                lam = r * float(a.diagonal()[:-1].mean())
+                a.diagonal()[:-1] += lam
+                rhs = gf[idx, :n] @ w.T
+                rhs[:-1] += lam * w[:, keep].T
+                x = torch.linalg.solve(a, rhs)
+                c = torch.zeros_like(cands["none"])
+                c[:, keep], c[:, n] = x[:-1].T, x[-1]
+                cands[f"anchored{r:g}"] = c
             nw, delta, _ = network_refit_weights(gf, w, keep_m, share, 1e-3)
             c = torch.zeros_like(cands["none"])
             c[:, keep], c[:, n] = nw[:, keep], delta
             cands["netrefit"] = c
+            # control without networks: each pruned neuron from its most correlated kept neurons, same counts
+            d = gf.diagonal()[:n] / gf[n, n] - (gf[n, :n] / gf[n, n]) ** 2
+            cov = gf[:n, :n] / gf[n, n] - torch.outer(gf[n, :n], gf[n, :n]) / gf[n, n] ** 2
+            corr = (cov / torch.outer(d, d).clamp_min(1e-30).sqrt()).abs()
+            corr[:, ~keep_m] = -1.0
+            cshare = torch.zeros_like(share)
+            for p_ in pruned.tolist():
+                m_p = int((share[p_] & keep_m).sum())
+                if m_p:
+                    cshare[p_, torch.argsort(corr[p_], descending=True)[:m_p]] = True
+            nw, delta, _ = network_refit_weights(gf, w, keep_m, cshare, 1e-3)
+            c = torch.zeros_like(cands["none"])
+            c[:, keep], c[:, n] = nw[:, keep], delta
+            cands["corrrefit"] = c
             for cn, cand in cands.items():
                 rows.setdefault(f"{name}|{cn}|heldout", []).append(rel_err(gh, w, cand))
                 rows.setdefault(f"{name}|{cn}|fit", []).append(rel_err(gf, w, cand))
@@ -129,9 +158,9 @@ def main() -> None:
     out = {"network_density_fit_runs": dens, "command": "nice -n 10 .venv/bin/python benchmarks/fbn_rules/proxy.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
            "sparsity": args.sparsity, "layers": layers, "fit_windows": "0-11", "heldout_windows": "12-15",
-           "discover": DISCOVER["runs4"], "fit_runs": FIT_RUNS, "obs_steps": args.obs_steps,
+           "discover": DISCOVER["runs4"], "fit_runs": FIT_RUNS, "obs_steps": args.obs_steps, "selections": args.selections,
            "mean_rel_error": mean, "per_layer": rows}
-    path = HERE / "results" / args.model / f"proxy_{args.sparsity:g}.json"
+    path = HERE / "results" / args.model / f"proxy_{args.sparsity:g}_{args.selections.replace(',', '+')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     sels = list(dict.fromkeys(k.split("|")[0] for k in mean))

@@ -7,7 +7,8 @@ Protocol (recorded in every cell):
 * plan: sparsity = fraction of MLP neurons removed, all layers pruned, ``round_to`` 8, mask mode (same logits as
   slice); uniform widths unless the variant says ``global`` (then ``normalize: none``);
 * compensation: ``none``, ``bias``, ``refit`` (ridge 1e-3 x mean diagonal) or ``netrefit`` (the re-fit restricted to
-  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, union over "runs4");
+  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, union over "runs4") or
+  ``anchored`` (ridge 0.1 toward the original kept columns, ``anchored_refit_compensation_``);
 * perplexity: the first ``--eval-tokens`` tokens of wikitext2-test in non-overlapping 512-token windows, float32;
 * tasks (``--tasks``): fbnprune.evaluate.harness.evaluate_tasks with ``--limit`` items per task (a SUBSET).
 
@@ -41,7 +42,7 @@ from fbnprune.evaluate.ppl import token_stream
 from fbnprune.models import load_model
 from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
-from fbnprune.prune.fbn_variants import network_refit_compensation_
+from fbnprune.prune.fbn_variants import anchored_refit_compensation_, network_refit_compensation_
 from fbnprune.prune.gram import set_gram_cache_size
 
 HERE = Path(__file__).parent
@@ -61,6 +62,7 @@ DISCOVER: dict[str, dict[str, Any]] = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "random": {"scorer": "random"},
     "wanda_sp": {"scorer": "wanda_sp"},
+    "wanda_sp_global": {"scorer": "wanda_sp", "allocation": "global", "normalize": "mean"},
     "flap": {"scorer": "flap"},
     "obs": {"scorer": "obs"},
     "obs_global": {"scorer": "obs_global", "allocation": "global"},
@@ -185,13 +187,15 @@ def main() -> None:
                 scores, score_s = score_cache[key]
                 alloc = spec.get("allocation", "uniform")
                 plan = make_plan(scores, sparsity=sp, model=model, adapter=adapter, allocation=alloc, protected=[],
-                                 min_width=8, round_to=8, normalize="none" if alloc == "global" else "mean")
+                                 min_width=8, round_to=8, normalize=spec.get("normalize", "none" if alloc == "global" else "mean"))
                 t1 = time.perf_counter()
                 m = copy.deepcopy(model)
                 if cp == "netrefit":  # re-fit restricted to functional networks (union over the runs of "runs4")
                     if "runs4" not in nets_cache:
                         nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
                     rep = network_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
+                elif cp == "anchored":  # ridge toward the original kept columns (0.1 x mean diagonal)
+                    rep = anchored_refit_compensation_(m, plan, store, ridge=0.1)
                 else:
                     rep = compensate_(m, plan, store, cp,
                                       **({"ridge": RIDGE, "progress": False} if cp == "refit" else {}))

@@ -309,3 +309,41 @@ def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: An
         adapter.add_down_bias_(mlp, delta)
     _mark_bias(model, adapter, "refit")
     return report
+
+
+@torch.no_grad()
+def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: float = 0.1) -> dict[str, Any]:
+    """Re-fit whose ridge shrinks toward the ORIGINAL kept columns, not toward zero (in place, before pruning).
+
+    ``min ||H W^T - H_K W'^T - 1 b^T||^2 + lam ||W' - W_K||^2``, ``lam = ridge * mean diag(G_KK)``. A large
+    ``lam`` tends to plain pruning plus the best bias; the engine's ``refit`` tends to zero weights instead, which
+    is why raising its ridge makes things worse. Found while studying why ``refit`` over-fits (docs/fbn-study.md).
+    """
+    from fbnprune.arch import get_adapter
+    from fbnprune.prune.compensate import _mark_bias, _rel_errors
+
+    if ridge <= 0:
+        raise UserError(f"anchored refit: ridge must be > 0, got {ridge}")
+    adapter = get_adapter(model)
+    report: dict[str, Any] = {"ridge": ridge, "layers": {}}
+    for i, mlp in enumerate(adapter.mlps(model)):
+        w = adapter.down_weight(mlp)
+        keep = plan.keep[i]
+        if len(keep) == plan.widths[i]:
+            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
+            continue
+        g = augmented_gram(store, i)
+        n = plan.widths[i]
+        w64 = w.detach().double().cpu()
+        idx = torch.cat([keep, torch.tensor([n])])
+        a = g[idx][:, idx].clone()
+        lam = ridge * float(a.diagonal()[:-1].mean())
+        a.diagonal()[:-1] += lam
+        rhs = g[idx, :n] @ w64.T
+        rhs[:-1] += lam * w64[:, keep].T
+        x = torch.linalg.solve(a, rhs)
+        report["layers"][i] = _rel_errors(g, w64, keep, x[:-1].T, x[-1])
+        w[:, keep.to(w.device)] = x[:-1].T.to(dtype=w.dtype, device=w.device)
+        adapter.add_down_bias_(mlp, x[-1])
+    _mark_bias(model, adapter, "refit")
+    return report

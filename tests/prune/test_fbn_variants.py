@@ -147,3 +147,24 @@ def test_fbn_alloc_with_wanda_order_inside_layers(setup, tmp_path):
             torch.argsort(wanda[i], descending=True, stable=True)[: want[i]].tolist())
     with pytest.raises(UserError, match="fbn_within"):
         score_neurons("fbn_alloc", ctx_of(setup, sparsity=0.5, networks=nets, fbn_within="x"))
+
+
+def test_anchored_refit_tends_to_bias_compensation_and_beats_it_on_calibration(setup):
+    import copy
+
+    from fbnprune.prune.compensate import bias_compensation_
+    from fbnprune.prune.fbn_variants import anchored_refit_compensation_
+
+    model, adapter, store = setup
+    plan = make_plan(score_neurons("wanda_sp", ctx_of(setup)), sparsity=0.5, round_to=8)
+    big, ref = copy.deepcopy(model), copy.deepcopy(model)
+    anchored_refit_compensation_(big, plan, store, ridge=1e6)
+    bias_compensation_(ref, plan, store)
+    for mb, mr in zip(adapter.mlps(big), adapter.mlps(ref), strict=True):
+        torch.testing.assert_close(adapter.down_weight(mb), adapter.down_weight(mr), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(adapter.down_module(mb).bias, adapter.down_module(mr).bias, rtol=1e-3, atol=1e-4)
+    rep = anchored_refit_compensation_(copy.deepcopy(model), plan, store, ridge=0.1)
+    for lay in rep["layers"].values():
+        assert lay["refit"] < lay["pruned"]
+    with pytest.raises(UserError, match="ridge"):
+        anchored_refit_compensation_(copy.deepcopy(model), plan, store, ridge=0.0)
