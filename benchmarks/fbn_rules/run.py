@@ -42,7 +42,11 @@ from fbnprune.evaluate.ppl import token_stream
 from fbnprune.models import load_model
 from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
-from fbnprune.prune.fbn_variants import anchored_refit_compensation_, network_refit_compensation_
+from fbnprune.prune.fbn_variants import (
+    anchored_refit_compensation_,
+    correlation_refit_compensation_,
+    network_refit_compensation_,
+)
 from fbnprune.prune.gram import set_gram_cache_size
 
 HERE = Path(__file__).parent
@@ -194,6 +198,10 @@ def main() -> None:
                     if "runs4" not in nets_cache:
                         nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
                     rep = network_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
+                elif cp == "corrrefit":  # control: netrefit's neighbourhood sizes, neighbours by correlation
+                    if "runs4" not in nets_cache:
+                        nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
+                    rep = correlation_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
                 elif cp == "anchored":  # ridge toward the original kept columns (0.1 x mean diagonal)
                     rep = anchored_refit_compensation_(m, plan, store, ridge=0.1)
                 else:
@@ -209,7 +217,7 @@ def main() -> None:
                 if rep:
                     lay = list(rep["layers"].values())
                     cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
-                    if cp == "netrefit":
+                    if cp in ("netrefit", "corrrefit"):
                         cell["netrefit_alone_fraction"] = sum(x["alone"] for x in lay) / len(lay)
                 write(cell_file, cell)
                 print(f"{v:16s} {sp:.2f} {cp:6s} ppl {res['ppl']:10.3f} ({cell['seconds']} s)", flush=True)

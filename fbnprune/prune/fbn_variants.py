@@ -347,3 +347,49 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: 
         adapter.add_down_bias_(mlp, x[-1])
     _mark_bias(model, adapter, "refit")
     return report
+
+
+def correlation_neighbourhoods(g: torch.Tensor, keep_mask: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Control for :func:`network_neighbourhoods`: each pruned neuron gets as many kept neighbours as its networks
+    give it, but chosen by absolute activation correlation (from the augmented Gram ``g``) instead of networks."""
+    n = len(keep_mask)
+    rows = g[n, n]
+    mean = g[n, :n] / rows
+    cov = g[:n, :n] / rows - torch.outer(mean, mean)
+    sd = cov.diagonal().clamp_min(1e-30).sqrt()
+    corr = (cov / torch.outer(sd, sd)).abs()
+    corr[:, ~keep_mask] = -1.0
+    out = torch.zeros_like(share)
+    for p in (~keep_mask).nonzero().flatten().tolist():
+        m = int((share[p] & keep_mask).sum())
+        if m:
+            out[p, torch.argsort(corr[p], descending=True, stable=True)[:m]] = True
+    return out
+
+
+@torch.no_grad()
+def correlation_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: Any, ridge: float = 1e-3
+                                    ) -> dict[str, Any]:
+    """Control for :func:`network_refit_compensation_`: same neighbourhood sizes, neighbours by correlation."""
+    from fbnprune.arch import get_adapter
+    from fbnprune.prune.compensate import _mark_bias, _rel_errors
+
+    adapter = get_adapter(model)
+    report: dict[str, Any] = {"ridge": ridge, "layers": {}}
+    for i, mlp in enumerate(adapter.mlps(model)):
+        w = adapter.down_weight(mlp)
+        keep = plan.keep[i]
+        if len(keep) == plan.widths[i]:
+            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
+            continue
+        g = augmented_gram(store, i)
+        w64 = w.detach().double().cpu()
+        km = plan.keep_mask(i)
+        share = correlation_neighbourhoods(g, km, network_neighbourhoods(nets, i))
+        new_w, delta, n_alone = network_refit_weights(g, w64, km, share, ridge)
+        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta),
+                               "alone": n_alone / max(1, plan.widths[i] - len(keep))}
+        w[:, keep.to(w.device)] = new_w[:, keep].to(dtype=w.dtype, device=w.device)
+        adapter.add_down_bias_(mlp, delta)
+    _mark_bias(model, adapter, "refit")
+    return report

@@ -168,3 +168,18 @@ def test_anchored_refit_tends_to_bias_compensation_and_beats_it_on_calibration(s
         assert lay["refit"] < lay["pruned"]
     with pytest.raises(UserError, match="ridge"):
         anchored_refit_compensation_(copy.deepcopy(model), plan, store, ridge=0.0)
+
+
+def test_correlation_neighbourhoods_match_network_sizes_and_pick_correlated_neurons():
+    from fbnprune.prune.fbn_variants import correlation_neighbourhoods
+
+    g0 = torch.Generator().manual_seed(3)
+    h = torch.randn(500, 5, generator=g0, dtype=torch.float64)
+    h[:, 4] = h[:, 2] + 0.01 * torch.randn(500, generator=g0, dtype=torch.float64)  # 4 ~ 2
+    ha = torch.cat([h, torch.ones(500, 1, dtype=torch.float64)], 1)
+    keep = torch.tensor([True, True, True, True, False])
+    share = torch.zeros(5, 5, dtype=torch.bool)
+    share[4, 0] = share[0, 4] = True  # its network says neuron 0 (one neighbour)
+    out = correlation_neighbourhoods(ha.T @ ha, keep, share)
+    assert out[4].nonzero().flatten().tolist() == [2]  # same count, but the correlated neuron
+    assert not out[:4].any()
