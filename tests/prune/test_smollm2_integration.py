@@ -52,7 +52,9 @@ def test_scorer_end_to_end_on_smollm2(setup, method):
     # 0.3 * 46080 = 13824 neurons from 29 layers = 476.7 each -> 480 (nearest multiple of 8): 1056 kept
     assert plan.kept_widths == [1536] + [1056] * 29 and plan.n_removed == 29 * 480
     m = copy.deepcopy(model)
-    compensate_(m, plan, store, "refit" if method == "obs" else "bias")
+    # bias for every scorer: with 254 calibration rows a re-fit of 1,536 columns is under-determined (it has its
+    # own tests in test_compensate.py, and docs/fbn-study.md measures how it generalises)
+    compensate_(m, plan, store, "bias")
     apply_plan_(m, plan, "slice")
     assert m.config.fbnprune_layer_widths == plan.kept_widths and m.config.mlp_bias is True
     # 480 neurons x (gate row + up row + down column) removed per layer; mlp_bias adds gate/up/down biases
