@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 
-from fbnprune import __version__
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequences
 from fbnprune.collect.sources import DATA_FILES
@@ -66,33 +64,10 @@ class Run:
 
 def provenance(recipe: Recipe, model_info: dict[str, Any]) -> dict[str, Any]:
     """Versions, seeds, machine and model/data identity for a results or export directory."""
-    import subprocess
+    from fbnprune.provenance import machine, versions
 
-    import transformers
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    try:
-        from importlib.metadata import version
-
-        lm_eval_version: str | None = version("lm_eval")
-    except Exception:  # not installed
-        lm_eval_version = None
-    return {
-        "fbnprune": __version__,
-        "git_sha": sha,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lm_eval": lm_eval_version,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
-        "seed": recipe.seed,
-        "model": model_info,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return {**versions(), "machine": machine(), "seed": recipe.seed, "model": model_info,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -132,7 +132,7 @@ def main() -> int:
         m = meta.get("machine", {})
         md += [f"## {model}", "",
                f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads "
-               f"(load average at start {tuple(round(x, 1) for x in m.get('loadavg_at_start', ()))}). "
+               f"(load average at start {m.get('loadavg')}). "
                f"Command: `{meta.get('command')}`. Date: {meta.get('provenance', {}).get('date')}. "
                f"Cells measured: {len(cells)}.", ""]
         head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", *tasks, "mean acc", "retention", "params"]

@@ -18,7 +18,6 @@ import copy
 import fnmatch
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,27 +30,13 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from fbnprune.evaluate.ppl import perplexity, token_stream  # noqa: E402
 from fbnprune.models import LoadedModel  # noqa: E402
+from fbnprune.provenance import machine  # noqa: E402
 from fbnprune.recipe import bundled_recipes, load_recipe  # noqa: E402
 from fbnprune.run import Run, collect_stage, discover_stage, load, plan_stage, provenance, prune_stage, say  # noqa: E402
 
 
 def protocol() -> dict[str, Any]:
     return yaml.safe_load((HERE / "protocol.yaml").read_text())
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
 
 
 def evaluate(model: Any, tokenizer: Any, proto: dict[str, Any], streams: dict[int, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Adding an architecture is one :class:`MLPAdapter` entry in :mod:`fbnprune.arch.a
 
 from __future__ import annotations
 
-from fbnprune.arch.base import ADAPTERS, MLPAdapter, get_adapter
 from fbnprune.arch import adapters as _adapters  # noqa: F401  (registers the built-in adapters)
+from fbnprune.arch.base import ADAPTERS, MLPAdapter, get_adapter
 
 __all__ = ["ADAPTERS", "MLPAdapter", "get_adapter"]

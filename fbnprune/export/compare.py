@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -24,36 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fbnprune.provenance import machine  # noqa: F401  (re-exported: reports name the machine)
+
 PROMPT = "The history of the city begins in the early Middle Ages, when"
 
 
 def weight_bytes(path: str | Path) -> int:
     """Bytes of the weight files (``*.safetensors``) of an export directory."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory and current load (the machine may be shared: load average says how busy)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    load = os.getloadavg()
-    cores = os.cpu_count() or 1
-    return {"cpu": cpu, "cores": cores, "mem_gb": mem_gb, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "loadavg": [round(x, 2) for x in load],
-            "busy": load[0] > 0.5 * cores}
 
 
 def peak_rss_mb() -> float:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from fbnprune.errors import UserError
+from fbnprune.provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +148,6 @@ def describe_export(model: Any, plan: Any = None, require_stock: bool = False) -
 
 
 # --------------------------------------------------------------------------------------------- export
-def _versions() -> dict[str, Any]:
-    import platform
-    import subprocess
-
-    import transformers
-
-    from fbnprune import __version__
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    try:
-        from importlib.metadata import version
-
-        lm_eval_v: str | None = version("lm_eval")
-    except Exception:  # noqa: BLE001 - optional dependency, any failure means "unknown"
-        lm_eval_v = None
-    return {"fbnprune": __version__, "git_sha": sha, "torch": torch.__version__,
-            "transformers": transformers.__version__, "lm_eval": lm_eval_v, "python": platform.python_version()}
-
-
 def _rewrite_config(path: Path, layout: ExportLayout, bias_switch: bool) -> None:
     """Turn the saved ``config.json`` into the layout's config (per-layer overrides, bias switch, no fbnprune keys)."""
     cfg = json.loads(path.read_text())
@@ -250,7 +228,7 @@ def export_hf(
     model_info = provenance.get("model") or {}
     base_model = base_model or model_info.get("base_model")
     license = license or model_info.get("license")
-    provenance.setdefault("versions", {}).update(_versions())
+    provenance.setdefault("versions", {}).update(versions())
     calib = (report or {}).get("calibration") or {}
     if calib.get("sha256"):
         provenance.setdefault("data_hashes", {})[f"calibration:{calib.get('source')}"] = calib["sha256"]

@@ -21,7 +21,7 @@ def cell(name, method, sparsity, accs, ppl, params, compensate="none", allocatio
             "eval_info": {"ppl128": {"ppl": ppl}, "ppl2048": {"ppl": ppl * 0.8}, "tasks": {"tasks": tasks},
                           "params": params},
             "meta_info": {"seconds": 1.0, "command": "python run.py", "machine": {"cpu": "x", "cores": 2,
-                                                                                  "loadavg_at_start": [0, 0, 0]}}}
+                                                                                  "loadavg": [0, 0, 0]}}}
 
 
 @pytest.fixture
