@@ -67,6 +67,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "random": {"scorer": "random"},
     "wanda_sp": {"scorer": "wanda_sp"},
     "wanda_sp_global": {"scorer": "wanda_sp", "allocation": "global", "normalize": "mean"},
+    # the reference's fixed rule: first 3 and last 2 layers never pruned, uniform elsewhere (same total budget)
+    "wanda_sp_edges": {"scorer": "wanda_sp", "protected": "edges"},
     "flap": {"scorer": "flap"},
     "obs": {"scorer": "obs"},
     "obs_global": {"scorer": "obs_global", "allocation": "global"},
@@ -190,7 +192,9 @@ def main() -> None:
                     score_cache[key] = (score_neurons(spec["scorer"], ctx), round(time.perf_counter() - t0, 1))
                 scores, score_s = score_cache[key]
                 alloc = spec.get("allocation", "uniform")
-                plan = make_plan(scores, sparsity=sp, model=model, adapter=adapter, allocation=alloc, protected=[],
+                plan = make_plan(scores, sparsity=sp, model=model, adapter=adapter, allocation=alloc,
+                                 protected=[0, 1, 2, len(scores) - 2, len(scores) - 1]
+                                 if spec.get("protected") == "edges" else [],
                                  min_width=8, round_to=8, normalize=spec.get("normalize", "none" if alloc == "global" else "mean"))
                 t1 = time.perf_counter()
                 m = copy.deepcopy(model)
