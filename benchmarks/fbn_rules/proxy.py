@@ -94,14 +94,15 @@ def main() -> None:
         gf, gh = gram(arr, fit_rows), gram(arr, ho_rows)
         w = adapter.down_weight(adapter.mlps(model)[i]).detach().double()
         n = w.shape[1]
-        make = {
-            "wanda_sp": lambda: top(gf.diagonal()[:n].sqrt() * w.norm(dim=0), k_uni),
-            "fbn_maxz": lambda: top(maxz[i], k_uni),
-            "obs": lambda: top(weighted_obs_order(gf, w, k_uni, None, args.obs_steps), k_uni),
-            "fbn_obs_b1": lambda: top(weighted_obs_order(gf, w, k_uni, 1 + rec[i], args.obs_steps), k_uni),
-            "fbn_obs_b4": lambda: top(weighted_obs_order(gf, w, k_uni, 1 + 4 * rec[i], args.obs_steps), k_uni),
-        }
-        sel = {k: make[k]() for k in args.selections.split(",")}
+        weights = {"obs": None, "fbn_obs_b1": 1 + rec[i], "fbn_obs_b4": 1 + 4 * rec[i]}
+        sel = {}
+        for k in args.selections.split(","):
+            if k == "wanda_sp":
+                sel[k] = top(gf.diagonal()[:n].sqrt() * w.norm(dim=0), k_uni)
+            elif k == "fbn_maxz":
+                sel[k] = top(maxz[i], k_uni)
+            else:
+                sel[k] = top(weighted_obs_order(gf, w, k_uni, weights[k], args.obs_steps), k_uni)
         m_ = nets._t[f"net_members.{i}"]
         share = torch.zeros(n, n, dtype=torch.bool)
         for r in range(min(FIT_RUNS, int(m_.shape[0]))):
