@@ -98,7 +98,8 @@ def collect_stage(r: Run) -> None:
 
 
 def discover_stage(r: Run) -> None:
-    if not r.recipe.prune.method.startswith("fbn"):
+    p = r.recipe.prune
+    if not (p.method.startswith("fbn") or p.compensate in ("netrefit", "corrrefit")):
         return
     from fbnprune.discover import DiscoverConfig, run_discovery
 
@@ -155,8 +156,17 @@ def prune_stage(r: Run) -> None:
     assert r.plan is not None
     p = r.recipe.prune
     before = count_params(r.lm.model)
-    kw = {"ridge": p.ridge} if p.compensate == "refit" else {}
-    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, **kw)
+    if p.compensate in ("anchored", "netrefit", "corrrefit"):  # the fbn study's compensations
+        from fbnprune.prune import fbn_variants as fv
+
+        if p.compensate == "anchored":
+            comp = fv.anchored_refit_compensation_(r.lm.model, r.plan, r.store)
+        else:
+            fn = fv.network_refit_compensation_ if p.compensate == "netrefit" else fv.correlation_refit_compensation_
+            comp = fn(r.lm.model, r.plan, r.store, r.networks, ridge=p.ridge)
+    else:
+        kw = {"ridge": p.ridge} if p.compensate == "refit" else {}
+        comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, **kw)
     if comp:
         r.report["compensation"] = comp
     apply_plan_(r.lm.model, r.plan, mode=p.mode)

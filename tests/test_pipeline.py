@@ -48,7 +48,7 @@ def recipe_file(env, tmp_path, **prune):
         "evaluate": {"perplexity": [{"source": str(env / "eval.txt"), "seq_len": 32, "max_tokens": 512}],
                      "retention": {"source": str(env / "eval.txt"), "n_tokens": 128, "seq_len": 32}},
     }
-    if prune.get("method") == "fbn":
+    if prune.get("method") == "fbn" or prune.get("compensate") in ("netrefit", "corrrefit"):
         data["discover"] = {"n_components": 8, "n_restarts": 2, "block_texts": None, "block_rows": 128}
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(data))
@@ -71,6 +71,9 @@ def private_cache(tmp_path, monkeypatch):
         {"method": "obs", "compensate": "refit"},
         {"method": "fbn"},
         {"method": "fbn", "fbn_rule": "recurrence", "allocation": "global"},
+        {"method": "wanda_sp", "compensate": "netrefit", "protected_layers": [0]},
+        {"method": "wanda_sp", "compensate": "corrrefit"},
+        {"method": "wanda_sp", "compensate": "anchored"},
     ],
     ids=lambda d: "-".join(str(v) for v in d.values()),
 )
@@ -86,7 +89,8 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune):
     plan = json.loads((out / "keep_plan.json").read_text())
     assert abs(plan["sparsity"] - 0.25) < 0.07
     manifest = json.loads((out / "model" / "fbnprune_export.json").read_text())
-    uniform = prune.get("allocation", "uniform") == "uniform"
+    uniform = len(set(plan["kept_widths"])) == 1  # protected layers keep their width: non-uniform
+    assert uniform == (prune.get("allocation", "uniform") == "uniform" and not prune.get("protected_layers"))
     assert manifest["loader"] == ("stock" if uniform else "fbnprune")
     assert (out / "model" / "README.md").read_text().startswith("---")  # model card with front matter
     from transformers import AutoTokenizer

@@ -53,8 +53,12 @@ class PruneConfig(Strict):
     )
     min_width: int = Field(8, ge=1)
     round_to: int = Field(8, ge=1)
-    compensate: Literal["none", "bias", "refit"] = Field(
-        "none", description="bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias"
+    compensate: Literal["none", "bias", "refit", "anchored", "netrefit", "corrrefit"] = Field(
+        "none",
+        description="bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias; "
+        "anchored: re-fit shrunk toward the original columns; netrefit: each pruned neuron rebuilt from the kept "
+        "members of its functional networks; corrrefit: the same with neighbours by activation correlation "
+        "(the control); see docs/fbn-study.md",
     )
     ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit compensation")
     seed: int = 0
@@ -145,13 +149,14 @@ class Recipe(Strict):
         if self.prune.compensate != "none" and self.collect is None:
             raise ValueError(f"prune.compensate {self.prune.compensate!r} needs calibration statistics: add a collect section")
         if self.collect is not None and not self.collect.keep_activations:
-            if method in ("fbn", "obs") or self.prune.compensate == "refit":
+            if method in ("fbn", "obs") or self.prune.compensate not in ("none", "bias"):
                 raise ValueError(
                     f"prune.method {self.prune.method!r} / compensate {self.prune.compensate!r} need stored "
                     "activations: set collect.keep_activations: true"
                 )
-        if self.discover is not None and not method.startswith("fbn"):
-            raise ValueError("a discover section is only used by the fbn methods")
+        uses_networks = method.startswith("fbn") or self.prune.compensate in ("netrefit", "corrrefit")
+        if self.discover is not None and not uses_networks:
+            raise ValueError("a discover section is only used by the fbn methods and netrefit/corrrefit")
         if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None
                 and self.collect.mode != "document"):
             raise ValueError("discover.block_texts needs collect.mode: document (one text per sequence); "
