@@ -54,22 +54,11 @@ SEQ_LEN = 1024
 
 
 def machine(threads: int) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads_used": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
+    from fbnprune.provenance import machine as shared_machine
+
+    m = shared_machine()
+    return {"cpu": m["cpu"], "cores": m["cores"], "threads_used": threads, "python": m["python"],
+            "torch": torch.__version__, "platform": platform.platform()}
 
 
 def load_avg() -> list[float]:
