@@ -116,7 +116,7 @@ def main() -> int:
           "Retention = pruned mean accuracy / dense mean accuracy. Subsets make the accuracies noisy "
           "(standard error about 0.05 per task, 0.02 on the mean): read small differences as ties.", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
-          "`python benchmarks/leaderboard/board.py`.", ""]
+          "`python benchmarks/leaderboard/board.py`.", "", *[f"- {n}" for n in proto.get("notes", [])], ""]
     csv_rows = []
     for model_dir in sorted(p for p in results.iterdir() if p.is_dir()):
         model = model_dir.name
