@@ -156,17 +156,8 @@ def prune_stage(r: Run) -> None:
     assert r.plan is not None
     p = r.recipe.prune
     before = count_params(r.lm.model)
-    if p.compensate in ("anchored", "netrefit", "corrrefit"):  # the fbn study's compensations
-        from fbnprune.prune import fbn_variants as fv
-
-        if p.compensate == "anchored":
-            comp = fv.anchored_refit_compensation_(r.lm.model, r.plan, r.store)
-        else:
-            fn = fv.network_refit_compensation_ if p.compensate == "netrefit" else fv.correlation_refit_compensation_
-            comp = fn(r.lm.model, r.plan, r.store, r.networks, ridge=p.ridge)
-    else:
-        kw = {"ridge": p.ridge} if p.compensate == "refit" else {}
-        comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, **kw)
+    kw = {"ridge": p.ridge} if p.compensate in ("refit", "netrefit", "corrrefit") else {}
+    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, **kw)
     if comp:
         r.report["compensation"] = comp
     apply_plan_(r.lm.model, r.plan, mode=p.mode)

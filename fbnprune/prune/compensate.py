@@ -33,7 +33,7 @@ from fbnprune.prune.plan import KeepPlan
 
 log = logging.getLogger(__name__)
 
-COMPENSATIONS = ("none", "bias", "refit")
+COMPENSATIONS = ("none", "bias", "refit", "anchored", "netrefit", "corrrefit")
 #: attribute set on a model whose down-projection bias its stock config cannot express
 UNEXPORTABLE_ATTR = "fbnprune_unexportable_bias"
 
@@ -164,12 +164,26 @@ def _rel_errors(g: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, new_w: tor
     return {"pruned": err(pruned_only), "refit": err(fitted)}
 
 
-def compensate_(model: Any, plan: KeepPlan, store: ActivationStore | None, kind: str, **kw: Any) -> Any:
-    """Dispatch on a recipe's ``compensate`` value (``none``, ``bias`` or ``refit``)."""
+def compensate_(model: Any, plan: KeepPlan, store: ActivationStore | None, kind: str, *, networks: Any = None,
+                **kw: Any) -> Any:
+    """Dispatch on a recipe's ``compensate`` value.
+
+    ``none``, ``bias`` and ``refit`` live here; ``anchored``, ``netrefit`` and ``corrrefit`` come from the fbn study
+    (:mod:`fbnprune.prune.fbn_variants`); the last two need the discovered ``networks``.
+    """
     if kind == "none":
         return None
     if kind == "bias":
         return bias_compensation_(model, plan, store)
     if kind == "refit":
         return refit_compensation_(model, plan, store, **kw)
+    if kind in ("anchored", "netrefit", "corrrefit"):
+        from fbnprune.prune import fbn_variants as fv  # imports this module: import lazily
+
+        if kind == "anchored":
+            return fv.anchored_refit_compensation_(model, plan, store)
+        if networks is None:
+            raise UserError(f"compensation {kind!r} needs discovered networks (a discover stage)")
+        fn = fv.network_refit_compensation_ if kind == "netrefit" else fv.correlation_refit_compensation_
+        return fn(model, plan, store, networks, **kw)
     raise UserError(f"unknown compensation {kind!r}; choose one of {', '.join(COMPENSATIONS)}")
