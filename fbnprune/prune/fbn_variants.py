@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from fbnprune.errors import UserError
 from fbnprune.prune.fbn import _networks
 from fbnprune.prune.gram import augmented_gram, ridge_solve
-from fbnprune.prune.obs import _damped_inverse
+from fbnprune.prune.obs import obs_order
 from fbnprune.prune.plan import KeepPlan
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
@@ -51,47 +51,7 @@ def weighted_obs_order(
     Same contract as :func:`fbnprune.prune.obs.obs_order`: returns a strictly increasing running maximum of the
     (weighted) removal cost in elimination order, so removing a prefix reproduces the rounds.
     """
-    n = w.shape[1]
-    weight = torch.ones(n, dtype=torch.float64) if weight is None else weight.double()
-    if weight.shape != (n,) or not torch.isfinite(weight).all() or (weight < 0).any():
-        raise UserError("weighted OBS: weights must be finite, non-negative, one per neuron")
-    n_keep = min(max(int(n_keep), 1), n)
-    rhs_all = g[:, :n] @ w.T
-    alive = torch.ones(n, dtype=torch.bool)
-    score = torch.empty(n, dtype=torch.float64)
-    prev = -math.inf
-    n_drop = n - n_keep
-    bounds = [round(n_drop * (t + 1) / steps) for t in range(steps)] if n_drop else []
-    done = 0
-
-    def costs() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
-        inv = _damped_inverse(g, idx, ridge)
-        x = inv @ rhs_all[idx]
-        c = (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
-        return idx[:-1], c * weight[idx[:-1]]
-
-    def assign(cols: torch.Tensor, cost: torch.Tensor) -> None:
-        nonlocal prev
-        for j in torch.argsort(cost, stable=True).tolist():
-            v = max(float(cost[j]), prev)
-            if v <= prev:
-                v = math.nextafter(prev, math.inf)
-            score[cols[j]] = v
-            prev = v
-
-    for b in bounds:
-        k = b - done
-        if k <= 0:
-            continue
-        cols, cost = costs()
-        order = torch.argsort(cost, stable=True)[:k]
-        assign(cols[order], cost[order])
-        alive[cols[order]] = False
-        done = b
-    cols, cost = costs()
-    assign(cols, cost)
-    return score
+    return obs_order(g, w, n_keep, steps, ridge, weight=weight)
 
 
 def _obs_opts(ctx: ScoreContext, name: str) -> tuple[float, int, float]:

@@ -40,9 +40,18 @@ def _damped_inverse(g: torch.Tensor, idx: torch.Tensor, ridge: float) -> torch.T
         return torch.linalg.pinv(a)
 
 
-def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ridge: float = 1e-3) -> torch.Tensor:
-    """Scores for one layer: ``g`` augmented Gram ``(n+1, n+1)``, ``w`` down weight ``(d, n)`` (float64)."""
+def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ridge: float = 1e-3,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores for one layer: ``g`` augmented Gram ``(n+1, n+1)``, ``w`` down weight ``(d, n)`` (float64).
+
+    ``weight`` (>= 0, one per neuron; None = all 1) multiplies each neuron's removal cost, so a caller can
+    protect or expose neurons (the fbn study's recurrence-weighted OBS).
+    """
     n = w.shape[1]
+    if weight is not None:
+        weight = weight.double()
+        if weight.shape != (n,) or not torch.isfinite(weight).all() or (weight < 0).any():
+            raise UserError("weighted OBS: weights must be finite, non-negative, one per neuron")
     n_keep = min(max(int(n_keep), 1), n)
     rhs_all = g[:, :n] @ w.T  # [H, 1]^T H W^T, (n+1, d)
     alive = torch.ones(n, dtype=torch.bool)
@@ -56,7 +65,8 @@ def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ri
         idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
         inv = _damped_inverse(g, idx, ridge)
         x = inv @ rhs_all[idx]  # re-fitted [W'^T; b]
-        return idx[:-1], (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
+        c = (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
+        return idx[:-1], c if weight is None else c * weight[idx[:-1]]
 
     def assign(cols: torch.Tensor, cost: torch.Tensor) -> None:
         nonlocal prev
