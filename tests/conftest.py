@@ -50,6 +50,30 @@ def tiny_model(model_type: str, seed: int = 0):
     return model.eval()
 
 
+WORDS = "the a of and to in is was for on that with as by at from his her it an were are which this be".split()
+
+
+def make_tiny_env(root):
+    """A saved tiny Llama with a word-level tokenizer under ``root/model``, plus ``calib.txt`` and ``eval.txt``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    model = tiny_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("calib.txt", 120), ("eval.txt", 60)):
+        lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(n)]
+        (root / name).write_text("\n".join(lines))
+    return root
+
+
 ALL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"]
 
 

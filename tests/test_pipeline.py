@@ -5,38 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from fbnprune.cli import main
 from fbnprune.recipe import load_recipe
 from fbnprune.run import run
-from tests.conftest import tiny_model
-
-WORDS = "the a of and to in is was for on that with as by at from his her it an were are which this be".split()
+from tests.conftest import make_tiny_env
 
 
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory):
     """A saved tiny Llama with a word-level tokenizer, plus calibration and evaluation text files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="</s>")
-    model = tiny_model("llama")
-    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    g = torch.Generator().manual_seed(0)
-    for name, n in (("calib.txt", 120), ("eval.txt", 60)):
-        lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(n)]
-        (root / name).write_text("\n".join(lines))
-    return root
+    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
 
 
 def recipe_file(env, tmp_path, **prune):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fbnprune {run,validate,recipes,cp} ...``.
+"""Command line: ``python -m fbnprune {run,collect,discover,prune,evaluate,export,analyze,validate,recipes,cp}``.
 
 Exit codes: 0 ok, 2 usage or recipe/input error (one message, no traceback), 1 runtime failure.
 """
@@ -18,6 +18,7 @@ EPILOG = """examples:
   python -m fbnprune run quickstart prune.sparsity=0.3 output_dir=outputs/q30
   python -m fbnprune validate my.yaml                 check a recipe, report every error
   python -m fbnprune cp quickstart ./mine.yaml        copy a bundled recipe to edit
+  python -m fbnprune analyze analyze-smollm2-135m    masking / keep-only / recurrence figures
   python -m fbnprune discover quickstart prune.method=fbn collect.keep_activations=true
                                                       stage commands: collect, discover, prune, evaluate, export
 """
@@ -33,6 +34,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"activations: {report['calibration']['store']}")
     if args.until == "discover" and "networks" in report:
         print(f"networks: {report['networks']['path']}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from fbnprune.analyze import analyze
+    from fbnprune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    analyze(recipe, output_dir=args.output)
     return 0
 
 
@@ -105,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
         r.set_defaults(func=_cmd_run, until="export" if verb == "run" else verb, evaluate=verb != "export")
 
+    a = sub.add_parser("analyze", help="test the functional-network claims on a model (recurrence, masking, "
+                       "keep-only, amplification) and draw the figures")
+    a.add_argument("recipe", help="recipe file or bundled name (its model, collect, discover and analyze sections)")
+    a.add_argument("overrides", nargs="*", metavar="key.path=value")
+    a.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
+    a.set_defaults(func=_cmd_analyze)
+
     v = sub.add_parser("validate", help="validate a recipe and report every error")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -129,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fbnprune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fbnprune recipes | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("fbnprune: interrupted", file=sys.stderr)
         return 130

@@ -127,6 +127,44 @@ class ExportConfig(Strict):
 from fbnprune.discover.config import DiscoverConfig  # noqa: E402  (a stage section like the others)
 
 
+class AnalyzeConfig(Strict):
+    """``python -m fbnprune analyze``: test the first paper's claims on this model (see docs/findings.md).
+
+    Every condition is applied with hooks on the down projections' inputs (weights untouched) and measured with
+    the same probe: perplexity on a fixed slice plus a fixed seeded subset of some tasks.
+    """
+
+    perplexity: PerplexityConfig = Field(
+        default_factory=lambda: PerplexityConfig(source="wikitext2-test", seq_len=512, max_tokens=4096))
+    tasks: list[str] = Field(default_factory=lambda: ["piqa", "arc_easy"])
+    subset: int | None = Field(100, gt=0, description="seeded subset of items per task (None = all)")
+    subset_seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    mask_top: list[int] = Field(default_factory=lambda: [1, 2, 5, 10],
+                                description="masking: zero the union of the top-n networks of every layer")
+    keep_top: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50],
+                                description="keep-only: zero every neuron outside the top-k networks of every layer")
+    amplify_top: int = Field(5, gt=0, description="amplification: scale the top-n networks of every layer")
+    gains: list[float] = Field(default_factory=lambda: [1.5, 2.0, 4.0])
+    random_seeds: int = Field(3, ge=1, description="random-neuron controls per condition (mean and spread)")
+    shuffles: int = Field(20, ge=1, description="neuron shufflings for the chance level of recurrence")
+    run: int = Field(0, ge=0, description="which discovery run's networks are masked (the others rank them)")
+
+    @field_validator("mask_top", "keep_top")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(n <= 0 for n in v):
+            raise ValueError("needs one or more positive network counts")
+        return sorted(set(v))
+
+    @field_validator("gains")
+    @classmethod
+    def _gains(cls, v: list[float]) -> list[float]:
+        if not v or any(g < 0 for g in v):
+            raise ValueError("needs one or more gains >= 0")
+        return sorted(set(v))
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
@@ -138,6 +176,7 @@ class Recipe(Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
     export: ExportConfig | None = Field(default_factory=ExportConfig)
+    analyze: AnalyzeConfig | None = Field(None, description="settings of `fbnprune analyze` (defaults if omitted)")
 
     @model_validator(mode="after")
     def _cross_stage(self) -> Recipe:
@@ -155,8 +194,8 @@ class Recipe(Strict):
                     "activations: set collect.keep_activations: true"
                 )
         uses_networks = method.startswith("fbn") or self.prune.compensate in ("netrefit", "corrrefit")
-        if self.discover is not None and not uses_networks:
-            raise ValueError("a discover section is only used by the fbn methods and netrefit/corrrefit")
+        if self.discover is not None and not uses_networks and self.analyze is None:
+            raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit and analyze")
         if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None
                 and self.collect.mode != "document"):
             raise ValueError("discover.block_texts needs collect.mode: document (one text per sequence); "

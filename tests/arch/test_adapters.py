@@ -46,9 +46,9 @@ def test_slice_equals_mask_with_smaller_shapes(any_tiny_model, tokens):
     masked = copy.deepcopy(model)
     keeps = [random_keep(ad.width(m), 72, i) for i, m in enumerate(ad.mlps(model))]
     before = logits(model, tokens)
-    for mlp, k in zip(ad.mlps(masked), keeps):
+    for mlp, k in zip(ad.mlps(masked), keeps, strict=True):
         ad.mask_(mlp, k)
-    for mlp, k in zip(ad.mlps(model), keeps):
+    for mlp, k in zip(ad.mlps(model), keeps, strict=True):
         ad.slice_(mlp, k)
     assert all(ad.width(m) == 72 for m in ad.mlps(model))
     assert all(ad.width(m) == 128 for m in ad.mlps(masked))
@@ -64,7 +64,7 @@ def test_mask_equals_zeroing_activation_with_hook(any_tiny_model, tokens):
     hooked = copy.deepcopy(model)
     keeps = [random_keep(ad.width(m), 40, 10 + i) for i, m in enumerate(ad.mlps(model))]
     handles = []
-    for mlp, k in zip(ad.mlps(hooked), keeps):
+    for mlp, k in zip(ad.mlps(hooked), keeps, strict=True):
         keep_mask = torch.zeros(ad.width(mlp))
         keep_mask[k] = 1.0
 
@@ -72,7 +72,7 @@ def test_mask_equals_zeroing_activation_with_hook(any_tiny_model, tokens):
             return (args[0] * keep_mask,)
 
         handles.append(ad.down_module(mlp).register_forward_pre_hook(pre))
-    for mlp, k in zip(ad.mlps(model), keeps):
+    for mlp, k in zip(ad.mlps(model), keeps, strict=True):
         ad.mask_(mlp, k)
     out_h = logits(hooked, tokens)
     for h in handles:
