@@ -196,7 +196,7 @@ def export_hf(
         results: the run's ``results`` dict (dense vs pruned metrics) for the model card's retention table.
         networks: ``{network_name: [neuron indices of layer 0, of layer 1, ...]}`` in dense indexing.
         require_stock: raise instead of falling back to the per-layer layout.
-        gguf: also write ``model-<gguf>.gguf`` (``"f16"`` or ``"f32"``; uniform Llama-family only).
+        gguf: also write ``model-<gguf>.gguf`` (``"f16"`` or ``"f32"``; uniform Llama or Gemma 3).
         report: a :func:`fbnprune.run.run` report; fills ``results``, ``provenance`` and the calibration data hash.
 
     Returns the export directory. The chosen layout is logged, stored in ``fbnprune_export.json`` and stated in

@@ -119,7 +119,7 @@ class ExportConfig(Strict):
     require_stock: bool = Field(
         False, description="fail instead of writing the per-layer (fbnprune.load_pretrained) layout"
     )
-    gguf: Literal["f16", "f32"] | None = Field(None, description="also write model-<dtype>.gguf (uniform Llama only)")
+    gguf: Literal["f16", "f32"] | None = Field(None, description="also write model-<dtype>.gguf (uniform Llama / Gemma 3)")
     push_to_hub: str | None = Field(None, description="Hub repo id; uploaded after the run (needs network)")
     private: bool = True
 

@@ -24,10 +24,23 @@ def _sharp_attention(model):
     return model
 
 
+def _random_norms(model):
+    """Non-trivial norm weights, so Gemma's stored-as-(1 + w) convention is exercised (init is all zeros)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_gguf_round_trip_matches_in_memory_model(tmp_path, dtype):
-    model, _ = slim_model("llama", "uniform")
+def test_gguf_round_trip_matches_in_memory_model(tmp_path, dtype, model_type):
+    model, _ = slim_model(model_type, "uniform")
     _sharp_attention(model)
+    if model_type == "gemma3_text":
+        _random_norms(model)
     path = gg.export_gguf(model, tmp_path / f"slim-{dtype}.gguf", dtype=dtype)
     r = gg.verify_gguf(model, path, INPUT, dtype=dtype)
     assert r["max_abs_diff"] < 1e-4
@@ -56,6 +69,14 @@ def test_wrong_rotary_layout_is_detected(tmp_path, monkeypatch):
     assert gg.verify_gguf(model, path, INPUT, dtype="f32")["max_abs_diff"] > 1e-3
 
 
+def test_gemma_norm_convention_is_needed(tmp_path, monkeypatch):
+    """Negative control: storing Gemma norms as w instead of 1 + w must break the round trip."""
+    model = _random_norms(slim_model("gemma3_text", "uniform")[0])
+    monkeypatch.setattr(gg, "_gemma_norm_to_gguf", lambda w: w)
+    path = gg.export_gguf(model, tmp_path / "bad.gguf", dtype="f32")
+    assert gg.verify_gguf(model, path, INPUT, dtype="f32")["max_abs_diff"] > 1e-3
+
+
 def test_gguf_refuses_what_it_cannot_write(tmp_path):
     per_layer, _ = slim_model("llama", "global")
     with pytest.raises(UserError, match="same MLP width"):
@@ -63,9 +84,9 @@ def test_gguf_refuses_what_it_cannot_write(tmp_path):
     biased, _ = slim_model("llama", "uniform", bias=True)
     with pytest.raises(UserError, match="bias"):
         gg.export_gguf(biased, tmp_path / "x.gguf")
-    gemma, _ = slim_model("gemma3_text", "uniform")
-    with pytest.raises(UserError, match="llama"):
-        gg.export_gguf(gemma, tmp_path / "x.gguf")
+    qwen, _ = slim_model("qwen2", "uniform")
+    with pytest.raises(UserError, match="'gemma3_text', 'llama'"):
+        gg.export_gguf(qwen, tmp_path / "x.gguf")
     with pytest.raises(UserError, match="f16 or f32"):
         gg.export_gguf(slim_model("llama")[0], tmp_path / "x.gguf", dtype="q4_0")
     assert list(tmp_path.iterdir()) == []
@@ -114,3 +135,34 @@ def test_tokenizer_metadata_copied_from_source_gguf(tmp_path):
     ids = tok(text)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == text and len(ids) < len(text) / 2  # real BPE merges
     assert tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.integration
+def test_real_gemma3_slim_gguf_round_trip(tmp_path):
+    """Gemma 3 270M pruned to uniform 70% width: the f16 GGUF carries the source's gemma3.* and tokenizer keys
+    and reads back through transformers' GGUF loader with the in-memory model's logits (f16-rounded)."""
+    from gguf import GGUFReader
+
+    from fbnprune.arch import get_adapter
+    from fbnprune.models import load_model
+    from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
+
+    try:
+        lm = load_model("gemma3-270m")
+    except UserError as e:
+        pytest.skip(str(e))
+    model, adapter = lm.model, get_adapter(lm.model)
+    plan = make_plan(score_neurons("magnitude", ScoreContext(model=model, adapter=adapter)), sparsity=0.3)
+    apply_plan_(model, plan, mode="slice")
+    info: dict = {}
+    path = gg.export_gguf(model, tmp_path / "slim-f16.gguf", dtype="f16", tokenizer_from=lm.info["gguf"], info=info)
+    src = GGUFReader(str(lm.info["gguf"])).fields
+    f = GGUFReader(str(path)).fields
+    assert int(f["gemma3.feed_forward_length"].contents()) == plan.kept_widths[0] == 1432
+    for key in ("gemma3.attention.sliding_window", "gemma3.rope.freq_base", "gemma3.attention.key_length"):
+        assert f[key].contents() == src[key].contents()
+    assert info["arch_keys"] >= 8 and info["tokenizer_keys"] >= 5
+    ids = lm.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt")["input_ids"]
+    r = gg.verify_gguf(model, path, ids, dtype="f16")
+    assert r["max_abs_logit"] > 5
+    assert r["max_abs_diff"] < 2e-3 * r["max_abs_logit"]
