@@ -134,17 +134,36 @@ def plan_stage(r: Run) -> KeepPlan:
                        sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, options=options)
     scores = score_neurons(p.method, ctx)
     protected = p.protected_layers
-    if protected == "auto":
+    if protected == "auto" and r.calib is None:
+        if "protected_layers" in p.model_fields_set:
+            raise UserError("prune.protected_layers 'auto' needs calibration data (a collect section)")
+        r.note("no calibration data: no protected layers (the default 'auto' measures them on calibration text)")
+        protected = []
+    auto = protected == "auto"
+    if auto:
         from fbnprune.prune.protect import auto_protected_layers
 
-        if r.calib is None:
-            raise UserError("prune.protected_layers 'auto' needs calibration data (a collect section)")
+        assert r.calib is not None
         protected, evidence = auto_protected_layers(model, r.calib.sequences)
         r.report["protected_layers"] = evidence
         say(f"protected layers (auto, from calibration loss): {protected}")
-    r.plan = make_plan(scores, sparsity=p.sparsity, param_fraction=p.param_fraction, model=model,
-                       adapter=r.adapter, allocation=p.allocation, protected=protected, min_width=p.min_width,
-                       round_to=p.round_to)
+    by_need = sorted(protected, key=lambda i: -r.report["protected_layers"]["delta"][i]) if auto else list(protected)
+
+    def plan_with(prot: list[int]) -> KeepPlan:
+        return make_plan(scores, sparsity=p.sparsity, param_fraction=p.param_fraction, model=model,
+                         adapter=r.adapter, allocation=p.allocation, protected=prot, min_width=p.min_width,
+                         round_to=p.round_to)
+
+    while True:
+        try:
+            r.plan = plan_with(sorted(by_need))
+            break
+        except UserError:
+            if not (auto and by_need):  # a budget the user's own protected list cannot meet stays an error
+                raise
+            dropped = by_need.pop()  # auto: give up protecting the least sensitive layer, then retry
+            r.note(f"protected layers (auto): layer {dropped} released, the budget cannot be met with it whole")
+            r.report["protected_layers"]["protected"] = sorted(by_need)
     r.plan.info["method"] = p.method
     return r.plan
 

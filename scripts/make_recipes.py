@@ -43,8 +43,10 @@ def recipe(model: str, method: str, sparsity: float, *, allocation: str = "unifo
         "model": {"source": model, "dtype": "float32"},
         "collect": {"source": "wikitext2-valid", "n_tokens": 8192, "seq_len": 512, "batch_size": 4, "seed": 0,
                     "keep_activations": True},
+        # no protected layers: every method is measured as its authors publish it (FLAP, Wanda-sp), and the
+        # committed leaderboard cells were made so; fbnprune's own default is protected_layers: auto
         "prune": {"method": method, "sparsity": sparsity, "allocation": allocation, "mode": "slice",
-                  "compensate": compensate},
+                  "compensate": compensate, "protected_layers": []},
         "evaluate": {
             "perplexity": [
                 {"source": "wikitext2-test", "seq_len": 128, "max_tokens": 16384},

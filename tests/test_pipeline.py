@@ -70,7 +70,14 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune):
     assert abs(plan["sparsity"] - 0.25) < 0.07
     manifest = json.loads((out / "model" / "fbnprune_export.json").read_text())
     uniform = len(set(plan["kept_widths"])) == 1  # protected layers keep their width: non-uniform
-    assert uniform == (prune.get("allocation", "uniform") == "uniform" and not prune.get("protected_layers"))
+    if "protected_layers" in prune:
+        protected = prune["protected_layers"]
+    else:  # the default 'auto' measured them and says which and why
+        evidence = report["protected_layers"]
+        protected = evidence["protected"]
+        assert len(evidence["delta"]) == 2 and protected == sorted(protected)
+    assert all(plan["kept_widths"][i] == 128 for i in protected)
+    assert uniform == (prune.get("allocation", "uniform") == "uniform" and not protected)
     assert manifest["loader"] == ("stock" if uniform else "fbnprune")
     assert (out / "model" / "README.md").read_text().startswith("---")  # model card with front matter
     from transformers import AutoTokenizer
@@ -83,6 +90,24 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune):
     toks = token_stream(AutoTokenizer.from_pretrained(out / "model"), str(tiny_env / "eval.txt"), 512)
     again = perplexity(reloaded, toks, seq_len=32, progress=False)["ppl"]
     assert again == pytest.approx(res["pruned"][key]["ppl"], rel=1e-5)
+
+
+def test_default_protection_needs_no_calibration_data(tiny_env, tmp_path):
+    """Without a collect section the default 'auto' protects nothing (and says so); asked for explicitly, it errors."""
+    data = yaml.safe_load(recipe_file(tiny_env, tmp_path, method="magnitude").read_text())
+    data["collect"] = None
+    data["evaluate"]["retention"] = None
+    (tmp_path / "nc.yaml").write_text(yaml.safe_dump(data))
+    report = run(load_recipe(tmp_path / "nc.yaml"), output_dir=tmp_path / "o1")
+    assert any("no protected layers" in n for n in report["notes"])
+    assert len(set(report["results"]["plan"]["kept_widths"])) == 1
+    data["prune"]["protected_layers"] = "auto"
+    (tmp_path / "nc.yaml").write_text(yaml.safe_dump(data))
+    from fbnprune.errors import UserError
+
+    with pytest.raises(UserError, match="needs calibration data"):
+        run(load_recipe(tmp_path / "nc.yaml"), output_dir=tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):
@@ -102,6 +127,8 @@ def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert nets in printed or "networks:" in printed
     assert json.loads((out / "keep_plan.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.07)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["protected_layers"]["protected"] == []  # 50% of two layers: neither can stay whole (auto gives way)
     assert not (out / "model").exists()  # prune stage writes the plan, not a checkpoint
     assert any(store.endswith(c) for c in before) and any(nets.endswith(c) for c in before)
     assert cached() == before  # another sparsity: nothing new collected or discovered

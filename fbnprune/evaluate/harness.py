@@ -182,7 +182,7 @@ class PackedScorer:
 
 
 def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, engine: str = "packed",
-            row_tokens: int = 512) -> Any:
+            row_tokens: int = 512, progress: bool = True) -> Any:
     """lm-eval ``HFLM`` around the loaded model (``engine='packed'``: with the packed log-likelihood loop)."""
     if engine not in ENGINES:
         raise UserError(f"unknown evaluation engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -200,7 +200,7 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, engine: str = "p
                                       rows_per_batch=max(1, batch_size))
             except (TypeError, AttributeError):
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-            res = scorer.score([(r[1], r[2]) for r in requests], progress=not disable_tqdm)
+            res = scorer.score([(r[1], r[2]) for r in requests], progress=progress and not disable_tqdm)
             for r, ans in zip(requests, res, strict=True):
                 if r[0] is not None:
                     self.cache_hook.add_partial("loglikelihood", r[0], ans)
@@ -300,7 +300,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
         logging.getLogger(name).setLevel(logging.WARNING)
     was_training = model.training
     model.eval()
-    lm = make_lm(model, tokenizer, batch_size=batch_size, engine=engine)
+    lm = make_lm(model, tokenizer, batch_size=batch_size, engine=engine, progress=progress)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"tasks": {}}
     info: dict[str, Any] = {}

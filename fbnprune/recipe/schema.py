@@ -49,7 +49,8 @@ class PruneConfig(Strict):
     allocation: Literal["uniform", "global"] = "uniform"
     mode: Literal["slice", "mask"] = "slice"
     protected_layers: list[int] | Literal["auto"] = Field(
-        default_factory=list, description="layers never pruned; 'auto' = those whose MLP the model can least lose"
+        "auto", description="layers never pruned; 'auto' (default) = those whose MLP the model can least lose, "
+        "measured on the calibration data (none without a collect section); [] = none"
     )
     min_width: int = Field(8, ge=1)
     round_to: int = Field(8, ge=1)
