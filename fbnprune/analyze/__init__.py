@@ -89,7 +89,12 @@ def analyze(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, A
     plan = intervention_plan(nets, mask_top=cfg.mask_top, keep_top=cfg.keep_top, amplify_top=cfg.amplify_top,
                              gains=cfg.gains, random_seeds=cfg.random_seeds, run=cfg.run)
     say(f"{len(plan)} conditions, each measured with hooks (weights untouched)")
-    rows = run_interventions(r.lm.model, r.adapter, probe, plan)
+    from fbnprune.paths import cache_dir
+
+    salt = json.dumps([r.lm.info.get("sha256") or recipe.model.source, recipe.model.dtype, nets.path.name, cfg.run,
+                       cfg.perplexity.model_dump(), cfg.tasks, cfg.subset, cfg.subset_seed,
+                       r.have_data, tokens is not None], default=str)
+    rows = run_interventions(r.lm.model, r.adapter, probe, plan, cache=cache_dir() / "analysis", cache_salt=salt)
     metrics = [m for m in ("ppl", "mean_acc", *cfg.tasks) if any(row.get(m) is not None for row in rows)]
     summary = summarize(rows, metrics)
     report = {

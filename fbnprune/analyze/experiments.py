@@ -8,7 +8,11 @@ condition is paired with random-neuron controls that touch exactly as many neuro
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,12 +178,31 @@ def intervention_plan(nets: NetworkSet, *, mask_top: list[int], keep_top: list[i
 
 
 def run_interventions(model: Any, adapter: MLPAdapter, probe: Probe, plan: list[dict[str, Any]],
-                      progress: bool = True) -> list[dict[str, Any]]:
-    """Measure every condition of ``plan`` with ``probe``; returns one row per condition (no tensors)."""
+                      progress: bool = True, cache: Path | None = None, cache_salt: str = "") -> list[dict[str, Any]]:
+    """Measure every condition of ``plan`` with ``probe``; returns one row per condition (no tensors).
+
+    With ``cache`` (a directory), each measured row is stored under a hash of ``cache_salt`` (what identifies the
+    model, the networks and the probe) and the condition, so an interrupted or extended analysis re-measures only
+    the conditions it has not seen.
+    """
     rows = []
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
     for cond in tqdm(plan, desc="interventions", unit="condition", disable=not progress):
-        res = _measure(model, adapter, probe, cond["gains"])
-        rows.append({k: v for k, v in cond.items() if k != "gains"} | res)
+        meta = {k: v for k, v in cond.items() if k != "gains"}
+        path = None
+        if cache is not None:
+            key = json.dumps([cache_salt, meta["experiment"], meta["kind"], meta["x"], meta["seed"]], default=str)
+            path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+                continue
+        row = meta | _measure(model, adapter, probe, cond["gains"])
+        if path is not None:
+            tmp = path.with_suffix(f".partial-{os.getpid()}")
+            tmp.write_text(json.dumps(row, default=str))
+            tmp.replace(path)
+        rows.append(row)
     return rows
 
 

@@ -158,7 +158,15 @@ def test_interventions_and_summary_on_a_tiny_model(tmp_path, tiny_llama, tokens)
                                                                 tokens[:, 1:].reshape(-1)).exp())}
 
     plan = intervention_plan(nets, mask_top=[1], keep_top=[2], amplify_top=1, gains=[1.0], random_seeds=2)
-    rows = run_interventions(tiny_llama, adapter, probe, plan, progress=False)
+    rows = run_interventions(tiny_llama, adapter, probe, plan, progress=False, cache=tmp_path / "c", cache_salt="m")
+    assert len(list((tmp_path / "c").glob("*.json"))) == len(plan)
+    calls = []
+    again = run_interventions(tiny_llama, adapter, lambda: calls.append(1) or {"ppl": -1.0}, plan, progress=False,
+                              cache=tmp_path / "c", cache_salt="m")
+    assert again == rows and not calls  # every condition came from the cache
+    other = run_interventions(tiny_llama, adapter, lambda: calls.append(1) or {"ppl": -1.0}, plan[:2],
+                              progress=False, cache=tmp_path / "c", cache_salt="another model")
+    assert len(calls) == 2 and other[0]["ppl"] == -1.0
     s = summarize(rows, ["ppl"])
     base = s["baseline"]["ppl"]
     assert s["amplify"][0]["ppl"]["network"] == pytest.approx(base)  # gain 1 changes nothing
