@@ -25,6 +25,7 @@ from fbnprune.discover.networks import NetworkSet, match_networks
 from fbnprune.errors import UserError
 
 Masks = dict[int, torch.Tensor]  # layer -> boolean (N,)
+HIST_BINS = 40
 
 
 # ------------------------------------------------------------------------------------------------ networks
@@ -105,12 +106,15 @@ def recurrence_analysis(nets: NetworkSet, shuffles: int = 20, seed: int = 0) -> 
             "chance_match_rate": float(np.mean(np.asarray(ch_l) >= thr)) if ch_l else None,
         })
     obs_a, ch_a = np.asarray(observed), np.asarray(chance)
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     return {
         "runs": runs,
         "match_threshold": thr,
         "shuffles": shuffles,
         "observed": obs_a.round(4).tolist(),
-        "chance": ch_a.round(4).tolist(),
+        "hist_edges": edges.round(4).tolist(),  # the chance sample is large: kept as a histogram only
+        "chance_hist": np.histogram(ch_a, bins=edges)[0].tolist(),
+        "chance_n": int(ch_a.size),
         "observed_median": float(np.median(obs_a)) if obs_a.size else None,
         "chance_median": float(np.median(ch_a)) if ch_a.size else None,
         "chance_p99": float(np.quantile(ch_a, 0.99)) if ch_a.size else None,

@@ -51,8 +51,9 @@ def recurrence_hist(rec: dict[str, Any], path: Path, title: str) -> None:
     """Matched Jaccard overlap of networks between disjoint text blocks, observed vs neuron-shuffled chance."""
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
-    bins = np.linspace(0, 1, 41)
-    ax.hist(rec["chance"], bins=bins, density=True, alpha=0.55, label="chance (neurons shuffled)", color="grey")
+    bins = np.asarray(rec["hist_edges"])
+    ax.hist(bins[:-1], bins=bins, weights=rec["chance_hist"], density=True, alpha=0.55,
+            label="chance (neurons shuffled)", color="grey")
     ax.hist(rec["observed"], bins=bins, density=True, alpha=0.65, label="observed", color="tab:orange")
     ax.axvline(rec["match_threshold"], ls="--", c="k", lw=1, label=f"match threshold {rec['match_threshold']}")
     ax.set_xlabel("Jaccard overlap of matched networks (runs on disjoint text)")

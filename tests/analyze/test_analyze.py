@@ -123,7 +123,7 @@ def test_recurrence_is_perfect_for_identical_runs_and_low_for_chance(tmp_path):
     assert rec["observed_median"] == 1.0 and rec["observed_match_rate"] == 1.0
     assert rec["chance_median"] < 0.3 and rec["chance_match_rate"] < 0.2
     assert len(rec["observed"]) == 2 * 3 * 5  # layers x run pairs x networks
-    assert len(rec["chance"]) == 10 * len(rec["observed"])
+    assert sum(rec["chance_hist"]) == rec["chance_n"] == 10 * len(rec["observed"])
     with pytest.raises(UserError, match="at least two discovery runs"):
         recurrence_analysis(fake_networks(tmp_path, [nets_run]))
 
