@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", nargs="*", default=["*"], help="glob patterns of cell names (default: all)")
     args = ap.parse_args(argv)
     proto = protocol()
-    cells = {n: p for n, p in sorted(cell_names(args.model).items())
-             if any(fnmatch.fnmatch(n, pat) for pat in args.cells)}
+    # cells run in the order of the patterns given (then by name), so the most informative can go first
+    order = {n: min(i for i, pat in enumerate(args.cells) if fnmatch.fnmatch(n, pat))
+             for n in cell_names(args.model) if any(fnmatch.fnmatch(n, pat) for pat in args.cells)}
+    cells = {n: cell_names(args.model)[n] for n in sorted(order, key=lambda n: (order[n], n))}
     out_dir = HERE / "results" / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [n for n in cells if not (out_dir / f"{n}.json").is_file()]
