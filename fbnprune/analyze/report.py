@@ -8,11 +8,20 @@ The verdict rules are deliberately simple and stated in the output, so a reader 
   partly when it does for some n;
 * keep-only holds when some k keeps perplexity within 1.5x of the unmodified model while the random controls
   keeping as many neurons do not; partly when networks beat random at some k without reaching 1.5x;
-* amplification holds when some gain improves on the unmodified model's perplexity or mean accuracy.
+* amplification holds when some gain lowers the unmodified model's perplexity, or raises its mean accuracy by more
+  than two binomial standard errors (with 100 items at 65%, about 0.095; a one-item change is noise).
+
+Re-render ``analysis.md`` from a saved ``analysis.json`` (e.g. after changing these rules)::
+
+    python -m fbnprune.analyze.report docs/findings/smollm2-135m/analysis.json
 """
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -49,10 +58,18 @@ def verdicts(report: dict[str, Any]) -> dict[str, str]:
     rows = s.get("amplify", [])
     if rows and base:
         acc0 = s["baseline"].get("mean_acc")
+        margin = 2 * _acc_se(acc0, report.get("settings") or {}) if acc0 is not None else 0.0
         gain = any((r.get("ppl") or {}).get("network", float("inf")) < base
-                   or (acc0 is not None and ((r.get("mean_acc") or {}).get("network") or 0) > acc0) for r in rows)
+                   or (acc0 is not None and ((r.get("mean_acc") or {}).get("network") or 0) > acc0 + margin)
+                   for r in rows)
         out["amplification"] = "holds" if gain else "does not hold"
     return out
+
+
+def _acc_se(p: float, settings: dict[str, Any]) -> float:
+    """Binomial standard error of a mean accuracy ``p`` over the scored items (subset x tasks; 0 if unknown)."""
+    n = (settings.get("subset") or 0) * len(settings.get("tasks") or [])
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else 0.0
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -92,3 +109,23 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['x']} | {r['fraction']:.1%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite ``analysis.md`` next to each ``analysis.json`` given (verdicts recomputed by the current rules)."""
+    paths = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not paths:
+        print("usage: python -m fbnprune.analyze.report ANALYSIS_JSON [...]", file=sys.stderr)
+        return 2
+    for p in paths:
+        if not p.is_file():
+            print(f"fbnprune: error: no such file: {p}", file=sys.stderr)
+            return 2
+        md = p.with_name("analysis.md")
+        md.write_text(to_markdown(json.loads(p.read_text())))
+        print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -185,6 +185,12 @@ def test_verdicts_follow_the_stated_rules():
                "amplify": [{"x": 2.0, "ppl": {"network": 12.0}, "mean_acc": {"network": 0.45}}]}
     v = verdicts({"recurrence": rec, "summary": summary})
     assert v == {"recurrence": "holds", "masking": "partly", "keep-only": "holds", "amplification": "does not hold"}
+    # one more item right out of 100 is noise, not an improvement; ten more is
+    settings = {"subset": 100, "tasks": ["piqa"]}
+    summary["amplify"] = [{"x": 2.0, "ppl": {"network": 12.0}, "mean_acc": {"network": 0.51}}]
+    assert verdicts({"recurrence": rec, "summary": summary, "settings": settings})["amplification"] == "does not hold"
+    summary["amplify"] = [{"x": 2.0, "ppl": {"network": 12.0}, "mean_acc": {"network": 0.61}}]
+    assert verdicts({"recurrence": rec, "summary": summary, "settings": settings})["amplification"] == "holds"
     rec["observed_median"] = 0.1
     summary["keep"] = [{"x": 5, **row(30.0, 40.0, 50.0)}]
     v = verdicts({"recurrence": rec, "summary": summary})
@@ -214,6 +220,11 @@ def test_analyze_command_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     assert len(rep["rows"]) == 1 + 2 * 3 + 2 * 3 + 1 * 3
     assert rep["recurrence"]["runs"] >= 2
     assert "## Verdicts" in (out / "analysis.md").read_text()
+    from fbnprune.analyze.report import main as rerender
+
+    (out / "analysis.md").unlink()  # the markdown can be re-rendered from the JSON alone
+    assert rerender([str(out / "analysis.json")]) == 0 and "## Verdicts" in (out / "analysis.md").read_text()
+    assert rerender([str(out / "missing.json")]) == 2
     # a recipe without stored activations is refused with one line, nothing written
     recipe["collect"]["keep_activations"] = False
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
