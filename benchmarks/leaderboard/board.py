@@ -102,6 +102,25 @@ def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
     return files
 
 
+def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) -> list[str]:
+    """Method x sparsity table of one metric, so every method can be read across sparsities at a glance."""
+    rows = [r for r in rows if r["method"] != "dense" and r[key] is not None]
+    cols = sorted({round(r["sparsity"] * 100) for r in rows})
+    if not rows:
+        return []
+    table: dict[str, dict[int, float]] = {}
+    for r in rows:
+        table.setdefault(r["method"] + ("" if r["allocation"] == "uniform" else f" ({r['allocation']})"), {})[
+            round(r["sparsity"] * 100)] = r[key]
+    best = {c: (min if low else max)(v[c] for v in table.values() if c in v) for c in cols}
+    out = [f"**{title}**", "", "| method | " + " | ".join(f"{c}%" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, vals in sorted(table.items()):
+        cells = [("**" + fmt(vals[c], 2) + "**" if vals[c] == best[c] else fmt(vals[c], 2)) if c in vals else "-"
+                 for c in cols]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main() -> int:
     proto = yaml.safe_load((HERE / "protocol.yaml").read_text())
     tasks = proto["tasks"]
@@ -146,7 +165,8 @@ def main() -> int:
                              "allocation": r["allocation"], "ppl128": r["ppl128"], "ppl2048": r["ppl2048"],
                              "mean_acc": r["mean_acc"], "retention": 1.0 if r["method"] == "dense" else r["retention"],
                              "params": r["params"]})
-        md.append("")
+        md += ["", *pivot(rows, "ppl2048", "WikiText-2 perplexity @2048 (lower is better; best per column in bold)"),
+               "", *pivot(rows, "mean_acc", "mean accuracy (noisy: 100 items per task)", low=False), ""]
         for f in plots(model, rows, results):
             md.append(f"![{f}](results/{f})")
         md.append("")
