@@ -246,25 +246,33 @@ def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: An
     here). This has far fewer free parameters than the global re-fit, so it can only win on held-out text, where
     the global re-fit over-fits the calibration rows. Returns per-layer relative output errors (calibration).
     """
-    from fbnprune.arch import get_adapter
-    from fbnprune.prune.compensate import _mark_bias, _rel_errors
 
     if fallback != "bias":
         raise UserError("network refit: only fallback 'bias' is implemented")
+    return _neighbourhood_refit_(model, plan, store, ridge, lambda i, g, km: network_neighbourhoods(nets, i, run))
+
+
+def _neighbourhood_refit_(model: Any, plan: KeepPlan, store: Any, ridge: float,
+                          neighbours: Any) -> dict[str, Any]:
+    """The loop both neighbourhood re-fits share; ``neighbours(layer, gram, keep_mask)`` gives the ``(N, N)``
+    boolean neighbourhoods, the only thing in which the network re-fit and its correlation control differ."""
+    from fbnprune.arch import get_adapter
+    from fbnprune.prune.compensate import _mark_bias, _rel_errors
+
     adapter = get_adapter(model)
     report: dict[str, Any] = {"ridge": ridge, "layers": {}}
     for i, mlp in enumerate(adapter.mlps(model)):
         w = adapter.down_weight(mlp)
-        pruned = plan.pruned(i)
-        if not len(pruned):
+        keep = plan.keep[i]
+        if len(keep) == plan.widths[i]:
             adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
             continue
         g = augmented_gram(store, i)
         w64 = w.detach().double().cpu()
-        new_w, delta, n_alone = network_refit_weights(g, w64, plan.keep_mask(i), network_neighbourhoods(nets, i, run),
-                                                      ridge)
-        keep = plan.keep[i]
-        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta), "alone": n_alone / len(pruned)}
+        km = plan.keep_mask(i)
+        new_w, delta, n_alone = network_refit_weights(g, w64, km, neighbours(i, g, km), ridge)
+        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta),
+                               "alone": n_alone / (plan.widths[i] - len(keep))}
         w[:, keep.to(w.device)] = new_w[:, keep].to(dtype=w.dtype, device=w.device)
         adapter.add_down_bias_(mlp, delta)
     _mark_bias(model, adapter, "refit")
@@ -331,25 +339,5 @@ def correlation_neighbourhoods(g: torch.Tensor, keep_mask: torch.Tensor, share: 
 def correlation_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: Any, ridge: float = 1e-3
                                     ) -> dict[str, Any]:
     """Control for :func:`network_refit_compensation_`: same neighbourhood sizes, neighbours by correlation."""
-    from fbnprune.arch import get_adapter
-    from fbnprune.prune.compensate import _mark_bias, _rel_errors
-
-    adapter = get_adapter(model)
-    report: dict[str, Any] = {"ridge": ridge, "layers": {}}
-    for i, mlp in enumerate(adapter.mlps(model)):
-        w = adapter.down_weight(mlp)
-        keep = plan.keep[i]
-        if len(keep) == plan.widths[i]:
-            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
-            continue
-        g = augmented_gram(store, i)
-        w64 = w.detach().double().cpu()
-        km = plan.keep_mask(i)
-        share = correlation_neighbourhoods(g, km, network_neighbourhoods(nets, i))
-        new_w, delta, n_alone = network_refit_weights(g, w64, km, share, ridge)
-        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta),
-                               "alone": n_alone / max(1, plan.widths[i] - len(keep))}
-        w[:, keep.to(w.device)] = new_w[:, keep].to(dtype=w.dtype, device=w.device)
-        adapter.add_down_bias_(mlp, delta)
-    _mark_bias(model, adapter, "refit")
-    return report
+    return _neighbourhood_refit_(model, plan, store, ridge, lambda i, g, km: correlation_neighbourhoods(
+        g, km, network_neighbourhoods(nets, i)))
