@@ -254,8 +254,20 @@ def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: An
 
 def _neighbourhood_refit_(model: Any, plan: KeepPlan, store: Any, ridge: float,
                           neighbours: Any) -> dict[str, Any]:
-    """The loop both neighbourhood re-fits share; ``neighbours(layer, gram, keep_mask)`` gives the ``(N, N)``
-    boolean neighbourhoods, the only thing in which the network re-fit and its correlation control differ."""
+    """The network re-fit and its correlation control; ``neighbours(layer, gram, keep_mask)`` gives the ``(N, N)``
+    boolean neighbourhoods, the only thing in which they differ."""
+
+    def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
+        km = plan.keep_mask(i)
+        new_w, delta, n_alone = network_refit_weights(g, w64, km, neighbours(i, g, km), ridge)
+        return new_w[:, keep], delta, {"alone": n_alone / (plan.widths[i] - len(keep))}
+
+    return _refit_layers_(model, plan, store, ridge, solve)
+
+
+def _refit_layers_(model: Any, plan: KeepPlan, store: Any, ridge: float, solve: Any) -> dict[str, Any]:
+    """The per-layer loop every re-fit variant here shares: ``solve(layer, gram, down_weight_f64, keep)`` returns the
+    new kept down columns ``(d, k)``, the bias delta ``(d,)`` and extra report fields; this writes them in place."""
     from fbnprune.arch import get_adapter
     from fbnprune.prune.compensate import _mark_bias, _rel_errors
 
@@ -269,11 +281,9 @@ def _neighbourhood_refit_(model: Any, plan: KeepPlan, store: Any, ridge: float,
             continue
         g = augmented_gram(store, i)
         w64 = w.detach().double().cpu()
-        km = plan.keep_mask(i)
-        new_w, delta, n_alone = network_refit_weights(g, w64, km, neighbours(i, g, km), ridge)
-        report["layers"][i] = {**_rel_errors(g, w64, keep, new_w[:, keep], delta),
-                               "alone": n_alone / (plan.widths[i] - len(keep))}
-        w[:, keep.to(w.device)] = new_w[:, keep].to(dtype=w.dtype, device=w.device)
+        cols, delta, extra = solve(i, g, w64, keep)
+        report["layers"][i] = {**_rel_errors(g, w64, keep, cols, delta), **extra}
+        w[:, keep.to(w.device)] = cols.to(dtype=w.dtype, device=w.device)
         adapter.add_down_bias_(mlp, delta)
     _mark_bias(model, adapter, "refit")
     return report
@@ -287,22 +297,11 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: 
     ``lam`` tends to plain pruning plus the best bias; the engine's ``refit`` tends to zero weights instead, which
     is why raising its ridge makes things worse. Found while studying why ``refit`` over-fits (docs/fbn-study.md).
     """
-    from fbnprune.arch import get_adapter
-    from fbnprune.prune.compensate import _mark_bias, _rel_errors
-
     if ridge <= 0:
         raise UserError(f"anchored refit: ridge must be > 0, got {ridge}")
-    adapter = get_adapter(model)
-    report: dict[str, Any] = {"ridge": ridge, "layers": {}}
-    for i, mlp in enumerate(adapter.mlps(model)):
-        w = adapter.down_weight(mlp)
-        keep = plan.keep[i]
-        if len(keep) == plan.widths[i]:
-            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
-            continue
-        g = augmented_gram(store, i)
+
+    def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
         n = plan.widths[i]
-        w64 = w.detach().double().cpu()
         idx = torch.cat([keep, torch.tensor([n])])
         a = g[idx][:, idx].clone()
         lam = ridge * float(a.diagonal()[:-1].mean())
@@ -310,11 +309,9 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: 
         rhs = g[idx, :n] @ w64.T
         rhs[:-1] += lam * w64[:, keep].T
         x = torch.linalg.solve(a, rhs)
-        report["layers"][i] = _rel_errors(g, w64, keep, x[:-1].T, x[-1])
-        w[:, keep.to(w.device)] = x[:-1].T.to(dtype=w.dtype, device=w.device)
-        adapter.add_down_bias_(mlp, x[-1])
-    _mark_bias(model, adapter, "refit")
-    return report
+        return x[:-1].T, x[-1], {}
+
+    return _refit_layers_(model, plan, store, ridge, solve)
 
 
 def correlation_neighbourhoods(g: torch.Tensor, keep_mask: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
