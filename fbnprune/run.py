@@ -99,7 +99,9 @@ def collect_stage(r: Run) -> None:
 
 def discover_stage(r: Run) -> None:
     p = r.recipe.prune
-    if not (p.method.startswith("fbn") or p.compensate in ("netrefit", "corrrefit")):
+    from fbnprune.prune.scorers import SCORERS, needs_networks
+
+    if not needs_networks(SCORERS.canonical(p.method), p.compensate):
         return
     from fbnprune.discover import DiscoverConfig, run_discovery
 

@@ -1,8 +1,9 @@
 """Regenerate the bundled recipes under fbnprune/recipes/<model>/ (run after changing the grid or defaults).
 
-One recipe per model x method x sparsity (uniform widths, stock-loadable), plus fbn with global allocation and
-fbn with bias compensation. Every recipe of a model shares the same calibration settings (and keeps activations),
-so the cached activations and networks are computed once and reused by all of them.
+One recipe per model x method x sparsity (uniform widths, stock-loadable), plus fbn with global allocation, fbn
+with bias compensation, the naive fbn rule (max |z|), the controls of the fbn rule without networks, and the
+baselines with the compensation their authors pair them with. Every recipe of a model shares the same calibration
+settings (and keeps activations), so the cached activations and networks are computed once and reused by all.
 
     python scripts/make_recipes.py
 """
@@ -19,34 +20,55 @@ MODELS = {
     "gemma3-270m": "Gemma 3 270M (18 x 2048 MLP neurons)",
 }
 METHODS = {
-    "fbn": "functional-network scores (ICA, max |z|)",
+    "fbn": "functional networks (remove what the networks can rebuild, then rebuild it: redundancy + netrefit)",
     "random": "random neurons (the floor)",
     "magnitude": "weight norms",
     "wanda_sp": "Wanda-sp (activation norm x down-column norm)",
     "flap": "FLAP fluctuation (activation variance x squared down-column norm)",
     "taylor": "first-order Taylor importance (LLM-Pruner)",
     "obs": "structured optimal brain surgeon (SlimGPT/ZipLM-style)",
+    "corr_redundancy": "the fbn rule's control: neighbours by correlation instead of networks (+ corrrefit)",
 }
+#: (tag, method, options): the variants besides one recipe per method
+EXTRA = [
+    ("fbn-global", "fbn", {"allocation": "global"}),
+    ("fbn-bias", "fbn", {"compensate": "bias"}),
+    ("fbn-corrrefit", "fbn", {"compensate": "corrrefit"}),  # the fbn selection with correlation neighbours
+    ("fbn_maxz", "fbn", {"fbn_rule": "max_z"}),  # the naive rule of the reference code
+    ("wanda_sp-corrrefit", "wanda_sp", {"compensate": "corrrefit"}),  # the best rule without networks before
+    ("wanda_sp-bias", "wanda_sp", {"compensate": "bias"}),
+    ("flap-bias", "flap", {"compensate": "bias"}),  # FLAP as published (fluctuation + bias compensation)
+    ("obs-refit", "obs", {"compensate": "refit"}),  # OBS with the re-fit it assumes (SlimGPT/ZipLM)
+]
 SPARSITIES = (0.1, 0.2, 0.3, 0.5)
 TASKS = ["piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa"]
 
 
-def recipe(model: str, method: str, sparsity: float, *, allocation: str = "uniform", compensate: str = "none") -> dict:
+def recipe(model: str, method: str, sparsity: float, *, tag: str | None = None, allocation: str = "uniform",
+           compensate: str | None = None, fbn_rule: str | None = None) -> dict:
+    from fbnprune.prune.compensate import default_compensation
+    from fbnprune.prune.fbn import DEFAULT_RULE
+
     pct = round(sparsity * 100)
-    tag = method + ("" if allocation == "uniform" else f"-{allocation}") + ("" if compensate == "none" else f"-{compensate}")
-    desc = f"{model}: remove {pct}% of MLP neurons by {METHODS[method]}, {allocation} widths"
-    if compensate != "none":
-        desc += f", {compensate} compensation"
+    rule = fbn_rule or DEFAULT_RULE
+    comp = compensate or default_compensation(method, rule)
+    what = METHODS[method] if rule == DEFAULT_RULE else f"functional-network scores (ICA, rule {rule}, the naive one)"
+    desc = f"{model}: remove {pct}% of MLP neurons by {what}, {allocation} widths"
+    if compensate is not None:
+        desc += f", {comp} compensation"
+    prune: dict = {"method": method, "sparsity": sparsity, "allocation": allocation, "mode": "slice",
+                   "compensate": comp, "protected_layers": []}
+    if method == "fbn":
+        prune["fbn_rule"] = rule
     r: dict = {
-        "name": f"{model}-{tag}-{pct}",
+        "name": f"{model}-{tag or method}-{pct}",
         "description": desc,
         "model": {"source": model, "dtype": "float32"},
         "collect": {"source": "wikitext2-valid", "n_tokens": 8192, "seq_len": 512, "batch_size": 4, "seed": 0,
                     "keep_activations": True},
         # no protected layers: every method is measured as its authors publish it (FLAP, Wanda-sp), and the
         # committed leaderboard cells were made so; fbnprune's own default is protected_layers: auto
-        "prune": {"method": method, "sparsity": sparsity, "allocation": allocation, "mode": "slice",
-                  "compensate": compensate, "protected_layers": []},
+        "prune": prune,
         "evaluate": {
             "perplexity": [
                 {"source": "wikitext2-test", "seq_len": 128, "max_tokens": 16384},
@@ -57,7 +79,7 @@ def recipe(model: str, method: str, sparsity: float, *, allocation: str = "unifo
         },
         "export": {"enabled": True},
     }
-    if method == "fbn":
+    if method in ("fbn", "corr_redundancy") or comp in ("netrefit", "corrrefit"):
         r["discover"] = {"method": "canica", "n_components": 128, "n_restarts": 10, "block_texts": None,
                          "block_rows": 2048, "threshold": 3.6}
     return r
@@ -69,13 +91,10 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
         for old in d.glob("*.yaml"):
             old.unlink()
-        for method in METHODS:
+        specs = [(m, m, {}) for m in METHODS] + EXTRA
+        for tag, method, kw in specs:
             for s in SPARSITIES:
-                rec = recipe(model, method, s)
-                (d / f"{rec['name'][len(model) + 1:]}.yaml").write_text(yaml.safe_dump(rec, sort_keys=False))
-        for s in SPARSITIES:
-            for kw in ({"allocation": "global"}, {"compensate": "bias"}):
-                rec = recipe(model, "fbn", s, **kw)
+                rec = recipe(model, method, s, tag=tag, **kw)
                 (d / f"{rec['name'][len(model) + 1:]}.yaml").write_text(yaml.safe_dump(rec, sort_keys=False))
     print(f"wrote {sum(1 for _ in ROOT.rglob('*.yaml'))} recipes under {ROOT}")
 

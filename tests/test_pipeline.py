@@ -28,7 +28,7 @@ def recipe_file(env, tmp_path, **prune):
         "evaluate": {"perplexity": [{"source": str(env / "eval.txt"), "seq_len": 32, "max_tokens": 512}],
                      "retention": {"source": str(env / "eval.txt"), "n_tokens": 128, "seq_len": 32}},
     }
-    if prune.get("method") == "fbn" or prune.get("compensate") in ("netrefit", "corrrefit"):
+    if prune.get("method") in ("fbn", "corr_redundancy") or prune.get("compensate") in ("netrefit", "corrrefit"):
         data["discover"] = {"n_components": 8, "n_restarts": 2, "block_texts": None, "block_rows": 128}
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(data))
@@ -50,7 +50,9 @@ def private_cache(tmp_path, monkeypatch):
         {"method": "taylor"},
         {"method": "obs", "compensate": "refit"},
         {"method": "fbn"},
+        {"method": "fbn", "fbn_rule": "max_z"},
         {"method": "fbn", "fbn_rule": "recurrence", "allocation": "global"},
+        {"method": "corr_redundancy"},
         {"method": "wanda_sp", "compensate": "netrefit", "protected_layers": [0]},
         {"method": "wanda_sp", "compensate": "corrrefit"},
         {"method": "wanda_sp", "compensate": "anchored"},

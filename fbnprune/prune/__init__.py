@@ -11,7 +11,7 @@ from fbnprune.prune.plan import KeepPlan, count_params, make_plan
 from fbnprune.prune.scorers import SCORERS, ScoreContext, score_neurons
 
 # Scorers in their own modules register on import.
-from fbnprune.prune import fbn, fbn_variants, obs, taylor  # noqa: E402,F401  isort: skip
+from fbnprune.prune import fbn, fbn_variants, obs, redundancy, taylor  # noqa: E402,F401  isort: skip
 
 from fbnprune.prune.compensate import bias_compensation_, compensate_, refit_compensation_  # noqa: E402
 

@@ -34,6 +34,20 @@ from fbnprune.prune.plan import KeepPlan
 log = logging.getLogger(__name__)
 
 COMPENSATIONS = ("none", "bias", "refit", "anchored", "netrefit", "corrrefit")
+
+
+def default_compensation(method: str, fbn_rule: str = "redundancy") -> str:
+    """What a recipe's ``compensate: auto`` means: the re-fit a selection rule was designed around.
+
+    The fbn ``redundancy`` rule removes the neurons their networks can rebuild, so it needs ``netrefit`` to do the
+    rebuilding; its correlation control needs ``corrrefit``. Every other method is measured as its authors publish
+    it without further options, i.e. with no compensation (ask for ``bias``, ``refit`` ... explicitly).
+    """
+    if method == "fbn" and fbn_rule == "redundancy":
+        return "netrefit"
+    if method == "corr_redundancy":
+        return "corrrefit"
+    return "none"
 #: attribute set on a model whose down-projection bias its stock config cannot express
 UNEXPORTABLE_ATTR = "fbnprune_unexportable_bias"
 

@@ -1,9 +1,13 @@
-"""The ``fbn`` scorer: keep the neurons that belong to functional networks (arXiv 2508.05239, method notes §3).
+"""The ``fbn`` scorer: prune with functional networks (arXiv 2508.05239, method notes §3).
 
 Scores (higher = keep), chosen by ``ctx.options["fbn_rule"]``:
 
-* ``max_z`` (default): ``s_j = max over runs and components of |z|``. Cutting at the budget keeps exactly the
-  neurons the reference's union rule keeps at the matching threshold tau.
+* ``redundancy`` (default): remove the neurons their own networks can rebuild: ``||W_p||^2`` times the variance of
+  ``h_p`` left after a least-squares fit on the kept members of its networks (:mod:`fbnprune.prune.redundancy`).
+  Pair it with ``compensate: netrefit``, which performs exactly that rebuild (a recipe's ``compensate: auto``, the
+  default, does). Chosen from the study in docs/fbn-study.md, which says where it wins and by how much.
+* ``max_z``: the naive rule, ``s_j = max over runs and components of |z|``. Cutting at the budget keeps exactly the
+  neurons the reference's union rule keeps at the matching threshold tau. It prunes about as badly as random.
 * ``recurrence``: the fraction of runs in which the neuron is a network member at tau (ties broken by ``max_z``).
 * ``max_z_x_recurrence``: ``max_z * recurrence`` (members in many runs with strong loadings first; neurons that
   are never members are ordered by ``max_z``).
@@ -14,7 +18,7 @@ Networks come from ``ctx.options["networks"]`` (a :class:`NetworkSet`) when give
 
 Example recipe::
 
-    prune: {method: fbn, sparsity: 0.2, allocation: global}
+    prune: {method: fbn, sparsity: 0.2}            # redundancy rule + netrefit compensation
     discover: {n_components: 128, n_restarts: 10, block_texts: 40, threshold: 3.6}
 """
 
@@ -26,7 +30,8 @@ from pydantic import ValidationError
 from fbnprune.errors import UserError
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
-RULES = ("max_z", "recurrence", "max_z_x_recurrence")
+RULES = ("redundancy", "max_z", "recurrence", "max_z_x_recurrence")
+DEFAULT_RULE = "redundancy"
 
 
 def _networks(ctx: ScoreContext):  # -> NetworkSet (imported lazily: discover imports collect, not prune)
@@ -49,13 +54,17 @@ def _networks(ctx: ScoreContext):  # -> NetworkSet (imported lazily: discover im
 
 @SCORERS.register("fbn")
 def fbn_scores(ctx: ScoreContext) -> list[torch.Tensor]:
-    rule = ctx.options.get("fbn_rule", "max_z")
+    rule = ctx.options.get("fbn_rule", DEFAULT_RULE)
     if rule not in RULES:
         raise UserError(f"unknown fbn_rule {rule!r}; choose one of {', '.join(RULES)}")
     nets = _networks(ctx)
     widths = [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]
     if nets.widths != widths:
         raise UserError(f"networks at {nets.path} were found for layer widths {nets.widths}, the model has {widths}")
+    if rule == "redundancy":
+        from fbnprune.prune.redundancy import redundancy_scores
+
+        return redundancy_scores(ctx, nets)
     out = []
     for s, r in zip(nets.scores, nets.recurrence, strict=True):
         s, r = s.double(), r.double()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -54,19 +55,32 @@ def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ri
             raise UserError("weighted OBS: weights must be finite, non-negative, one per neuron")
     n_keep = min(max(int(n_keep), 1), n)
     rhs_all = g[:, :n] @ w.T  # [H, 1]^T H W^T, (n+1, d)
+
+    def costs(alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
+        inv = _damped_inverse(g, idx, ridge)
+        x = inv @ rhs_all[idx]  # re-fitted [W'^T; b]
+        c = (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
+        return idx[:-1], c if weight is None else c * weight[idx[:-1]]
+
+    return elimination_scores(n, n_keep, steps, costs)
+
+
+def elimination_scores(n: int, n_keep: int, steps: int, costs: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                       ) -> torch.Tensor:
+    """Greedy elimination in ``steps`` rounds, as scores a plan can cut anywhere.
+
+    ``costs(alive)`` gives ``(columns, removal costs)`` of the neurons still alive. Each round removes the cheapest
+    share of the ``n - n_keep`` neurons to drop, then the costs are recomputed on the survivors. The scores are a
+    strictly increasing running maximum of the costs in elimination order, so removing any prefix of the order
+    removes exactly what the rounds removed (and a plan that keeps ``n_keep`` reproduces them).
+    """
     alive = torch.ones(n, dtype=torch.bool)
     score = torch.empty(n, dtype=torch.float64)
     prev = -math.inf
     n_drop = n - n_keep
     bounds = [round(n_drop * (t + 1) / steps) for t in range(steps)] if n_drop else []
     done = 0
-
-    def costs() -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.cat([alive.nonzero().flatten(), torch.tensor([n])])
-        inv = _damped_inverse(g, idx, ridge)
-        x = inv @ rhs_all[idx]  # re-fitted [W'^T; b]
-        c = (x[:-1] ** 2).sum(1) / inv.diagonal()[:-1].clamp_min(1e-300)
-        return idx[:-1], c if weight is None else c * weight[idx[:-1]]
 
     def assign(cols: torch.Tensor, cost: torch.Tensor) -> None:
         nonlocal prev
@@ -81,12 +95,12 @@ def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ri
         k = b - done
         if k <= 0:
             continue
-        cols, cost = costs()
+        cols, cost = costs(alive)
         order = torch.argsort(cost, stable=True)[:k]
         assign(cols[order], cost[order])
         alive[cols[order]] = False
         done = b
-    cols, cost = costs()
+    cols, cost = costs(alive)
     assign(cols, cost)
     return score
 

@@ -106,3 +106,11 @@ def score_neurons(method: str, ctx: ScoreContext) -> list[torch.Tensor]:
         if not torch.isfinite(s).all():
             raise RuntimeError(f"scorer {method!r} returned non-finite scores in layer {i}")
     return out
+
+
+NETWORK_SCORERS = ("corr_redundancy",)  # need networks without an fbn name (controls that borrow their sizes)
+
+
+def needs_networks(method: str, compensate: str) -> bool:
+    """Whether a prune configuration needs discovered networks (so the discover stage runs)."""
+    return method.startswith("fbn") or method in NETWORK_SCORERS or compensate in ("netrefit", "corrrefit")

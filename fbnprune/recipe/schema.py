@@ -41,8 +41,9 @@ class CollectConfig(Strict):
 
 class PruneConfig(Strict):
     method: str = "wanda_sp"
-    fbn_rule: Literal["max_z", "recurrence", "max_z_x_recurrence"] = Field(
-        "max_z", description="how the fbn method turns networks into neuron scores"
+    fbn_rule: Literal["redundancy", "max_z", "recurrence", "max_z_x_recurrence"] = Field(
+        "redundancy", description="how the fbn method turns networks into neuron scores: redundancy (default) "
+        "removes what the networks can rebuild; max_z is the naive rule"
     )
     sparsity: float | None = Field(0.2, ge=0.0, lt=1.0, description="fraction of MLP neurons removed")
     param_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="or: fraction of all parameters")
@@ -54,9 +55,10 @@ class PruneConfig(Strict):
     )
     min_width: int = Field(8, ge=1)
     round_to: int = Field(8, ge=1)
-    compensate: Literal["none", "bias", "refit", "anchored", "netrefit", "corrrefit"] = Field(
-        "none",
-        description="bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias; "
+    compensate: Literal["auto", "none", "bias", "refit", "anchored", "netrefit", "corrrefit"] = Field(
+        "auto",
+        description="auto (default): netrefit for fbn's redundancy rule, corrrefit for corr_redundancy, else none; "
+        "bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias; "
         "anchored: re-fit shrunk toward the original columns; netrefit: each pruned neuron rebuilt from the kept "
         "members of its functional networks; corrrefit: the same with neighbours by activation correlation "
         "(the control); see docs/fbn-study.md",
@@ -78,6 +80,11 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> PruneConfig:
+        if self.compensate == "auto":  # resolved here, so the saved recipe says what was done
+            from fbnprune.prune.compensate import default_compensation
+            from fbnprune.prune.scorers import SCORERS
+
+            self.__dict__["compensate"] = default_compensation(SCORERS.canonical(self.method), self.fbn_rule)
         if self.param_fraction is not None and "sparsity" not in self.model_fields_set:
             self.__dict__["sparsity"] = None
         if (self.sparsity is None) == (self.param_fraction is None):
@@ -181,20 +188,20 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _cross_stage(self) -> Recipe:
-        from fbnprune.prune.scorers import SCORERS
+        from fbnprune.prune.scorers import SCORERS, needs_networks
 
         method = SCORERS.canonical(self.prune.method)
-        if method in ("wanda_sp", "flap", "fbn", "obs", "taylor") and self.collect is None:
+        if method in ("wanda_sp", "flap", "fbn", "obs", "taylor", "corr_redundancy") and self.collect is None:
             raise ValueError(f"prune.method {self.prune.method!r} needs calibration data: add a collect section")
         if self.prune.compensate != "none" and self.collect is None:
             raise ValueError(f"prune.compensate {self.prune.compensate!r} needs calibration statistics: add a collect section")
         if self.collect is not None and not self.collect.keep_activations:
-            if method in ("fbn", "obs") or self.prune.compensate not in ("none", "bias"):
+            if method in ("fbn", "obs", "corr_redundancy") or self.prune.compensate not in ("none", "bias"):
                 raise ValueError(
                     f"prune.method {self.prune.method!r} / compensate {self.prune.compensate!r} need stored "
                     "activations: set collect.keep_activations: true"
                 )
-        uses_networks = method.startswith("fbn") or self.prune.compensate in ("netrefit", "corrrefit")
+        uses_networks = needs_networks(method, self.prune.compensate)
         if self.discover is not None and not uses_networks and self.analyze is None:
             raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit and analyze")
         if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None

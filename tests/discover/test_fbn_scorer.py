@@ -30,6 +30,7 @@ def ctx(tmp_path, monkeypatch):
 
 def test_fbn_is_registered_and_scores_every_neuron(ctx):
     assert "fbn" in SCORERS._items
+    ctx.options["fbn_rule"] = "max_z"  # the naive rule: the networks' own max |z| scores
     scores = score_neurons("fbn", ctx)
     assert [s.shape for s in scores] == [(128,), (128,)]
     nets = run_discovery(ctx.store, DiscoverConfig(**DISC), progress=False)  # cached: same result

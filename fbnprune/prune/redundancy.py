@@ -1,0 +1,133 @@
+"""Redundancy scores: remove the neurons their functional network can rebuild (fbn rule ``redundancy``).
+
+Why: with the ``netrefit`` compensation, a pruned neuron ``p`` is rebuilt from the kept members of its networks,
+``h_p ~ H_N(p) a_p + c_p``, and its down column is folded into theirs. What the layer output then loses is only
+the part of ``h_p`` its network cannot explain, sent through ``p``'s down column:
+
+    cost_p = ||W_p||^2 * E[(h_p - H_N(p) a_p - c_p)^2]        (least squares a_p, c_p; the same ridge as netrefit)
+
+A neuron in no network keeps only the constant, so its cost is ``||W_p||^2 Var(h_p)``: FLAP's fluctuation score.
+So this rule is FLAP with the variance measured after the network has explained what it can, and it asks the
+question the pruning study ended on (docs/fbn-study.md): not "which neurons matter" but "which neurons can the
+rest absorb". Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds on the
+survivors (as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
+
+``corr_redundancy`` is its control without networks: each neuron gets as many neighbours as its networks would
+give it, but the most correlated ones (as ``corrrefit`` does for the compensation). Pair it with ``corrrefit``.
+
+Costs of different pruned neurons are treated as independent (their residuals' cross terms are ignored), as
+FLAP and Wanda-sp also do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fbnprune.errors import UserError
+from fbnprune.prune.gram import augmented_gram, ridge_solve
+from fbnprune.prune.obs import elimination_scores
+from fbnprune.prune.scorers import SCORERS, ScoreContext
+
+Neighbours = Callable[[torch.Tensor], torch.Tensor]  # alive mask (N,) -> boolean (N, N), row p = neighbours of p
+
+
+def residual_sse(g: torch.Tensor, p: int, nb: torch.Tensor, ridge: float) -> float:
+    """Sum over calibration rows of the squared residual of ``h_p`` after the ridge fit on ``nb`` plus a constant
+    (``g``: augmented Gram, the bias at index N). With no neighbours it is ``rows * Var(h_p)``."""
+    n = g.shape[0] - 1
+    idx = torch.cat([nb, torch.tensor([n])])
+    b = g[idx, p]
+    x = ridge_solve(g, b[:, None], idx, ridge).flatten()
+    sse = float(g[p, p] - 2 * (x @ b) + x @ (g[idx][:, idx] @ x))
+    return max(sse, 0.0)
+
+
+def redundancy_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, neighbours: Neighbours, steps: int = 4,
+                     ridge: float = 1e-3) -> torch.Tensor:
+    """Scores for one layer (higher = keep): elimination by ``||W_p||^2 * residual variance`` in ``steps`` rounds.
+
+    ``g``: augmented Gram ``(N+1, N+1)``; ``w``: down weight ``(d, N)``; ``neighbours(alive)``: who may rebuild whom.
+    """
+    n = w.shape[1]
+    col_sq = (w.double() ** 2).sum(0)
+    rows = float(g[n, n])
+
+    def costs(alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        share = neighbours(alive)
+        cols = alive.nonzero().flatten()
+        c = torch.empty(len(cols), dtype=torch.float64)
+        for j, p in enumerate(cols.tolist()):
+            nb = (share[p] & alive).nonzero().flatten()
+            c[j] = col_sq[p] * residual_sse(g, p, nb, ridge) / rows
+        return cols, c
+
+    return elimination_scores(n, min(max(int(n_keep), 1), n), steps, costs)
+
+
+def correlation_like(g: torch.Tensor, share: torch.Tensor) -> Neighbours:
+    """Control neighbourhoods: for each alive neuron, as many alive neighbours as ``share`` gives it, taken by
+    absolute activation correlation instead of shared networks."""
+    n = share.shape[0]
+    rows = g[n, n]
+    mean = g[n, :n] / rows
+    cov = g[:n, :n] / rows - torch.outer(mean, mean)
+    sd = cov.diagonal().clamp_min(1e-30).sqrt()
+    corr = (cov / torch.outer(sd, sd)).abs()
+    corr.fill_diagonal_(-1.0)
+
+    def neighbours(alive: torch.Tensor) -> torch.Tensor:
+        m = (share & alive[None, :]).sum(1)
+        c = corr.clone()
+        c[:, ~alive] = -2.0
+        order = torch.argsort(c, dim=1, descending=True, stable=True)
+        out = torch.zeros_like(share)
+        rank = torch.arange(n)[None, :] < m[:, None]  # the first m_p of each row's order
+        out.scatter_(1, order, rank)
+        return out
+
+    return neighbours
+
+
+def _options(ctx: ScoreContext, name: str) -> tuple[float, int, float]:
+    sparsity = ctx.options.get("sparsity")
+    if sparsity is None:
+        raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
+    steps = int(ctx.options.get("redundancy_steps", 4))
+    ridge = float(ctx.options.get("ridge", 1e-3))
+    if not 0.0 <= float(sparsity) < 1.0 or steps < 1 or ridge < 0:
+        raise UserError(f"{name}: need 0 <= sparsity < 1, redundancy_steps >= 1, ridge >= 0")
+    return float(sparsity), steps, ridge
+
+
+def redundancy_scores(ctx: ScoreContext, nets: Any, control: bool = False) -> list[torch.Tensor]:
+    """Per-layer redundancy scores from the stored activations and the networks (``control``: correlation
+    neighbourhoods of the same sizes)."""
+    from fbnprune.prune.fbn_variants import network_neighbourhoods
+
+    name = "corr_redundancy" if control else "fbn (redundancy)"
+    store = ctx.require_store(name)
+    mlps = ctx.adapter.mlps(ctx.model)
+    if store.widths != [ctx.adapter.width(m) for m in mlps]:
+        raise UserError(f"scorer {name!r}: activation store widths do not match the model")
+    sparsity, steps, ridge = _options(ctx, name)
+    out = []
+    for i, m in enumerate(tqdm(mlps, desc=f"{name} scoring", unit="layer",
+                               disable=not ctx.options.get("progress", True))):
+        w = ctx.adapter.down_weight(m).detach().double().cpu()
+        g = augmented_gram(store, i)
+        share = network_neighbourhoods(nets, i)
+        nb: Neighbours = correlation_like(g, share) if control else (lambda alive, s=share: s)
+        out.append(redundancy_order(g, w, round(w.shape[1] * (1 - sparsity)), nb, steps, ridge))
+    return out
+
+
+@SCORERS.register("corr_redundancy")
+def corr_redundancy_scores(ctx: ScoreContext) -> list[torch.Tensor]:
+    """Control for the fbn ``redundancy`` rule: neighbours by activation correlation (sizes from the networks)."""
+    from fbnprune.prune.fbn import _networks
+
+    return redundancy_scores(ctx, _networks(ctx), control=True)
