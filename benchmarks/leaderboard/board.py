@@ -32,13 +32,26 @@ def task_acc(cell: dict[str, Any], task: str) -> float | None:
     return t.get(PRIMARY.get(task, "acc"))
 
 
+def method_label(ri: dict[str, Any]) -> str:
+    """``fbn`` with its default rule, and every method with the compensation ``auto`` gives it, print bare; anything
+    else says what it is: ``fbn(max_z)`` for another fbn rule, ``+<compensation>`` for another compensation."""
+    from fbnprune.prune.compensate import default_compensation
+    from fbnprune.prune.fbn import DEFAULT_RULE
+
+    method = ri["method"]
+    if method == "dense":
+        return method
+    rule = ri.get("fbn_rule") or (ri.get("recipe") or {}).get("prune", {}).get("fbn_rule") or DEFAULT_RULE
+    label = method if method != "fbn" or rule == DEFAULT_RULE else f"fbn({rule})"
+    comp = ri.get("compensate", "none")
+    return label if comp == default_compensation(method, rule) else f"{label}+{comp}"
+
+
 def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dict[str, Any]:
     ri, ev = cell["run_info"], cell["eval_info"]
     accs = [task_acc(cell, t) for t in tasks]
     mean = sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
-    method = ri["method"]
-    if ri.get("compensate", "none") != "none":
-        method = f"{method}+{ri['compensate']}"
+    method = method_label(ri)
     return {
         "cell": ri["cell"],
         "method": method,

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         p = recipe.prune
         _write(out_dir / f"{name}.json", {
             "run_info": {"cell": name, "recipe": recipe.model_dump(mode="json"), "method": p.method,
+                         "fbn_rule": p.fbn_rule if p.method == "fbn" else None,
                          "sparsity": r.plan.sparsity, "target_sparsity": p.sparsity, "allocation": p.allocation,
                          "compensate": p.compensate, "kept_widths": r.plan.kept_widths},
             "eval_info": res,
