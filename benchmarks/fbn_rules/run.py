@@ -7,7 +7,8 @@ Protocol (recorded in every cell):
 * plan: sparsity = fraction of MLP neurons removed, all layers pruned, ``round_to`` 8, mask mode (same logits as
   slice); uniform widths unless the variant says ``global`` (then ``normalize: none``);
 * compensation: ``none``, ``bias``, ``refit`` (ridge 1e-3 x mean diagonal) or ``netrefit`` (the re-fit restricted to
-  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, union over "runs4") or
+  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, with the variant's own
+  networks, else the union over "runs4"), ``corrrefit`` (its correlation control) or
   ``anchored`` (ridge 0.1 toward the original kept columns, ``anchored_refit_compensation_``);
 * perplexity: the first ``--eval-tokens`` tokens of wikitext2-test in non-overlapping 512-token windows, float32;
 * tasks (``--tasks``): fbnprune.evaluate.harness.evaluate_tasks with ``--limit`` items per task (a SUBSET).
@@ -60,6 +61,8 @@ OBS_STEPS = 10
 DISCOVER: dict[str, dict[str, Any]] = {
     "runs4": {"n_components": 64, "n_restarts": 1, "block_texts": None, "block_rows": 2044, "vary_seed": True},
     "all": {"n_components": 64, "n_restarts": 1, "block_texts": None},
+    # the reference setting the leaderboard's fbn cells use (k = 128, 10 restarts, blocks of 2048 rows)
+    "ref": {"n_components": 128, "n_restarts": 10, "block_texts": None, "block_rows": 2048},
 }
 
 #: variant name -> scorer, options, allocation, discovery config (None = no networks needed)
@@ -86,6 +89,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
                             "options": {"fbn_gamma": 0.25, "fbn_within": "wanda_sp"}},
     "fbn_alloc_m25_wanda": {"scorer": "fbn_alloc", "discover": "runs4", "allocation": "global",
                             "options": {"fbn_gamma": -0.25, "fbn_within": "wanda_sp"}},
+    # remove what the networks can rebuild (fbnprune/prune/redundancy.py); pair with netrefit / corrrefit
+    "fbn_redundancy": {"scorer": "fbn", "discover": "ref", "options": {"fbn_rule": "redundancy"}},
+    "corr_redundancy": {"scorer": "corr_redundancy", "discover": "ref"},
+    # wanda_sp / flap selection with the reference networks for netrefit / corrrefit
+    "wanda_sp_refnets": {"scorer": "wanda_sp", "discover": "ref"},
+    "flap_refnets": {"scorer": "flap", "discover": "ref"},
 }
 
 
@@ -198,14 +207,14 @@ def main() -> None:
                                  min_width=8, round_to=8, normalize=spec.get("normalize", "none" if alloc == "global" else "mean"))
                 t1 = time.perf_counter()
                 m = copy.deepcopy(model)
-                if cp == "netrefit":  # re-fit restricted to functional networks (union over the runs of "runs4")
-                    if "runs4" not in nets_cache:
-                        nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
-                    rep = network_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
+                # netrefit / corrrefit use the variant's own networks, else the union over the runs of "runs4"
+                nkey = dkey or "runs4"
+                if cp in ("netrefit", "corrrefit") and nkey not in nets_cache:
+                    nets_cache[nkey] = run_discovery(store, DiscoverConfig(**DISCOVER[nkey]), progress=False)
+                if cp == "netrefit":  # re-fit restricted to functional networks
+                    rep = network_refit_compensation_(m, plan, store, nets_cache[nkey], ridge=RIDGE)
                 elif cp == "corrrefit":  # control: netrefit's neighbourhood sizes, neighbours by correlation
-                    if "runs4" not in nets_cache:
-                        nets_cache["runs4"] = run_discovery(store, DiscoverConfig(**DISCOVER["runs4"]), progress=False)
-                    rep = correlation_refit_compensation_(m, plan, store, nets_cache["runs4"], ridge=RIDGE)
+                    rep = correlation_refit_compensation_(m, plan, store, nets_cache[nkey], ridge=RIDGE)
                 elif cp == "anchored":  # ridge toward the original kept columns (0.1 x mean diagonal)
                     rep = anchored_refit_compensation_(m, plan, store, ridge=0.1)
                 else:
@@ -217,7 +226,8 @@ def main() -> None:
                         "discover": DISCOVER.get(dkey) if dkey else None, "allocation": alloc, "sparsity": sp,
                         "compensate": cp, **res, "achieved_sparsity": plan.sparsity,
                         "kept_widths": plan.kept_widths, "score_seconds": score_s,
-                        "seconds": round(time.perf_counter() - t1, 1)}
+                        "seconds": round(time.perf_counter() - t1, 1),
+                        "refit_networks": DISCOVER[nkey] if cp in ("netrefit", "corrrefit") else None}
                 if rep:
                     lay = list(rep["layers"].values())
                     cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
