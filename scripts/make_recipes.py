@@ -20,7 +20,7 @@ MODELS = {
     "gemma3-270m": "Gemma 3 270M (18 x 2048 MLP neurons)",
 }
 METHODS = {
-    "fbn": "functional networks (remove what the networks can rebuild, then rebuild it: redundancy + netrefit)",
+    "fbn": "functional networks (remove what the networks can rebuild, then rebuild it: redundancy + corrrefit)",
     "random": "random neurons (the floor)",
     "magnitude": "weight norms",
     "wanda_sp": "Wanda-sp (activation norm x down-column norm)",
@@ -33,7 +33,7 @@ METHODS = {
 EXTRA = [
     ("fbn-global", "fbn", {"allocation": "global"}),
     ("fbn-bias", "fbn", {"compensate": "bias"}),
-    ("fbn-corrrefit", "fbn", {"compensate": "corrrefit"}),  # the fbn selection with correlation neighbours
+    ("fbn-netrefit", "fbn", {"compensate": "netrefit"}),  # the fbn selection rebuilt from network neighbours
     ("fbn_maxz", "fbn", {"fbn_rule": "max_z"}),  # the naive rule of the reference code
     ("wanda_sp-corrrefit", "wanda_sp", {"compensate": "corrrefit"}),  # the best rule without networks before
     ("wanda_sp-bias", "wanda_sp", {"compensate": "bias"}),

@@ -137,7 +137,9 @@ def main() -> None:
     sub = f"ppl{args.eval_tokens}" + (f"_tasks{args.limit}" if tasks else "")
     out = Path(args.out) / args.model / sub
     out.mkdir(parents=True, exist_ok=True)
-    command = "nice -n 10 .venv/bin/python benchmarks/fbn_rules/run.py " + " ".join(sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + ".venv/bin/python benchmarks/fbn_rules/run.py " + \
+        " ".join(sys.argv[1:])
     torch.manual_seed(0)
 
     lm = load_model(args.model, dtype="float32")

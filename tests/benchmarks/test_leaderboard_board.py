@@ -35,7 +35,7 @@ def board(tmp_path):
     cells = [cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-"),
              cell("wanda_sp-30", "wanda_sp", 0.3, [0.54] * 6, 30.0, 80),
              cell("obs-refit-30", "obs", 0.3, [0.57] * 6, 25.0, 80, compensate="refit"),
-             cell("fbn-global-30", "fbn", 0.3, [0.3] * 6, 90.0, 80, compensate="netrefit", allocation="global"),
+             cell("fbn-global-30", "fbn", 0.3, [0.3] * 6, 90.0, 80, compensate="corrrefit", allocation="global"),
              cell("fbn_maxz-30", "fbn", 0.3, [0.3] * 6, 900.0, 80, fbn_rule="max_z"),
              cell("fbn-bias-30", "fbn", 0.3, [0.3] * 6, 95.0, 80, compensate="bias")]
     for c in cells:
@@ -57,7 +57,7 @@ def test_summary_csv_and_markdown(board):
     assert float(by[("dense", "-")]["retention"]) == 1.0 and float(by[("dense", "-")]["sparsity"]) == 0.0
     assert float(by[("wanda_sp", "uniform")]["retention"]) == pytest.approx(0.9)
     assert float(by[("obs+refit", "uniform")]["retention"]) == pytest.approx(0.95)
-    assert float(by[("fbn", "global")]["ppl2048"]) == pytest.approx(72.0)  # default rule + its netrefit: bare name
+    assert float(by[("fbn", "global")]["ppl2048"]) == pytest.approx(72.0)  # default rule + its rebuild: bare name
     assert float(by[("fbn(max_z)", "uniform")]["ppl2048"]) == pytest.approx(720.0)  # another rule says so
     assert float(by[("fbn+bias", "uniform")]["ppl2048"]) == pytest.approx(76.0)  # another compensation too
     md = (d / "README.md").read_text()
