@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.errors import UserError
 from fbnprune.prune.fbn import _networks
-from fbnprune.prune.gram import augmented_gram, ridge_solve
+from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
 from fbnprune.prune.obs import obs_order
 from fbnprune.prune.plan import KeepPlan
 from fbnprune.prune.scorers import SCORERS, ScoreContext
@@ -317,12 +317,7 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: 
 def correlation_neighbourhoods(g: torch.Tensor, keep_mask: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """Control for :func:`network_neighbourhoods`: each pruned neuron gets as many kept neighbours as its networks
     give it, but chosen by absolute activation correlation (from the augmented Gram ``g``) instead of networks."""
-    n = len(keep_mask)
-    rows = g[n, n]
-    mean = g[n, :n] / rows
-    cov = g[:n, :n] / rows - torch.outer(mean, mean)
-    sd = cov.diagonal().clamp_min(1e-30).sqrt()
-    corr = (cov / torch.outer(sd, sd)).abs()
+    corr = abs_correlation(g)
     corr[:, ~keep_mask] = -1.0
     out = torch.zeros_like(share)
     for p in (~keep_mask).nonzero().flatten().tolist():

@@ -59,6 +59,16 @@ def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048) -
     return g
 
 
+def abs_correlation(g: torch.Tensor) -> torch.Tensor:
+    """``|corr(h_i, h_j)|`` of the activations, from the augmented Gram ``g`` (the bias/count at index N)."""
+    n = g.shape[0] - 1
+    rows = g[n, n]
+    mean = g[n, :n] / rows
+    cov = g[:n, :n] / rows - torch.outer(mean, mean)
+    sd = cov.diagonal().clamp_min(1e-30).sqrt()
+    return (cov / torch.outer(sd, sd)).abs()
+
+
 def ridge_solve(g: torch.Tensor, rhs: torch.Tensor, idx: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve ``(G[idx, idx] + lam * I') X = rhs`` where ``I'`` skips the bias entry (the last index of ``g``).
 

@@ -11,8 +11,8 @@ So this rule is FLAP with the variance measured after the network has explained 
 question the pruning study ended on (docs/fbn-study.md): not "which neurons matter" but "which neurons can the
 rest absorb". The rebuild that measured best after this selection is ``corrrefit`` (neighbours by correlation,
 as many as the networks give), so that is what ``compensate: auto`` pairs it with; ``netrefit`` is the rebuild
-the cost describes exactly. Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds on the
-survivors (as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
+the cost describes exactly. Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds
+on the survivors (as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
 
 ``corr_redundancy`` is its control without networks: each neuron gets as many neighbours as its networks would
 give it, but the most correlated ones (as ``corrrefit`` does for the compensation). Pair it with ``corrrefit``.
@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fbnprune.errors import UserError
-from fbnprune.prune.gram import augmented_gram, ridge_solve
+from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
 from fbnprune.prune.obs import elimination_scores
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
@@ -74,11 +74,7 @@ def correlation_like(g: torch.Tensor, share: torch.Tensor) -> Neighbours:
     """Control neighbourhoods: for each alive neuron, as many alive neighbours as ``share`` gives it, taken by
     absolute activation correlation instead of shared networks."""
     n = share.shape[0]
-    rows = g[n, n]
-    mean = g[n, :n] / rows
-    cov = g[:n, :n] / rows - torch.outer(mean, mean)
-    sd = cov.diagonal().clamp_min(1e-30).sqrt()
-    corr = (cov / torch.outer(sd, sd)).abs()
+    corr = abs_correlation(g)
     corr.fill_diagonal_(-1.0)
 
     def neighbours(alive: torch.Tensor) -> torch.Tensor:
