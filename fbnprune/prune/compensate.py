@@ -45,11 +45,8 @@ def default_compensation(method: str, fbn_rule: str = "redundancy") -> str:
     ``corr_redundancy`` gets the same. Every other method is measured as its authors publish it without further
     options, i.e. with no compensation (ask for ``bias``, ``refit`` ... explicitly).
     """
-    if method == "fbn" and fbn_rule == "redundancy":
-        return "corrrefit"
-    if method == "corr_redundancy":
-        return "corrrefit"
-    return "none"
+    redundancy = (method == "fbn" and fbn_rule == "redundancy") or method == "corr_redundancy"
+    return "corrrefit" if redundancy else "none"
 #: attribute set on a model whose down-projection bias its stock config cannot express
 UNEXPORTABLE_ATTR = "fbnprune_unexportable_bias"
 
