@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from fbnprune.errors import UserError
 from fbnprune.prune.fbn import _networks
 from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
-from fbnprune.prune.obs import obs_order
+from fbnprune.prune.obs import checked_store, elimination_options, obs_order
 from fbnprune.prune.plan import KeepPlan
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
@@ -52,26 +52,6 @@ def weighted_obs_order(
     (weighted) removal cost in elimination order, so removing a prefix reproduces the rounds.
     """
     return obs_order(g, w, n_keep, steps, ridge, weight=weight)
-
-
-def _obs_opts(ctx: ScoreContext, name: str) -> tuple[float, int, float]:
-    sparsity = ctx.options.get("sparsity")
-    if sparsity is None:
-        raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
-    sparsity = float(sparsity)
-    steps = int(ctx.options.get("obs_steps", 10))
-    ridge = float(ctx.options.get("ridge", 1e-3))
-    if not 0.0 <= sparsity < 1.0 or steps < 1 or ridge < 0:
-        raise UserError(f"{name}: need 0 <= sparsity < 1, obs_steps >= 1, ridge >= 0")
-    return sparsity, steps, ridge
-
-
-def _checked_store(ctx: ScoreContext, name: str):  # -> ActivationStore
-    store = ctx.require_store(name)
-    widths = [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]
-    if store.widths != widths:
-        raise UserError(f"scorer {name!r}: activation store widths do not match the model")
-    return store
 
 
 def _network_weights(ctx: ScoreContext, name: str) -> list[torch.Tensor]:
@@ -91,8 +71,8 @@ def _network_weights(ctx: ScoreContext, name: str) -> list[torch.Tensor]:
 @SCORERS.register("fbn_obs")
 def fbn_obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """OBS elimination with removal costs raised for stable network members (``1 + beta * r_j``)."""
-    store = _checked_store(ctx, "fbn_obs")
-    sparsity, steps, ridge = _obs_opts(ctx, "fbn_obs")
+    store = checked_store(ctx, "fbn_obs")
+    sparsity, steps, ridge = elimination_options(ctx, "fbn_obs")
     beta = float(ctx.options.get("fbn_beta", 1.0))
     if not math.isfinite(beta) or beta < 0:
         raise UserError(f"fbn_obs: fbn_beta must be >= 0, got {beta}")
@@ -147,8 +127,8 @@ def _rank_scores(order_scores: torch.Tensor, k: int) -> torch.Tensor:
 @SCORERS.register("fbn_alloc")
 def fbn_alloc_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """Layer widths from network density, OBS order inside each layer (use allocation global, normalize none)."""
-    store = _checked_store(ctx, "fbn_alloc")
-    sparsity, steps, ridge = _obs_opts(ctx, "fbn_alloc")
+    store = checked_store(ctx, "fbn_alloc")
+    sparsity, steps, ridge = elimination_options(ctx, "fbn_alloc")
     gamma = float(ctx.options.get("fbn_gamma", 0.25))
     min_frac = float(ctx.options.get("fbn_alloc_min", 0.2))
     if not math.isfinite(gamma) or not 0 < min_frac <= 1:
@@ -178,8 +158,8 @@ def obs_global_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     Each layer is eliminated down to ``fbn_alloc_min`` of its width; the costs (squared output error in the
     residual space) are ranked across layers to pick the budget, then expressed as ``k_i - rank`` scores.
     """
-    store = _checked_store(ctx, "obs_global")
-    sparsity, steps, ridge = _obs_opts(ctx, "obs_global")
+    store = checked_store(ctx, "obs_global")
+    sparsity, steps, ridge = elimination_options(ctx, "obs_global")
     min_frac = float(ctx.options.get("fbn_alloc_min", 0.2))
     mlps = ctx.adapter.mlps(ctx.model)
     raw = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -105,26 +106,41 @@ def elimination_scores(n: int, n_keep: int, steps: int, costs: Callable[[torch.T
     return score
 
 
+def checked_store(ctx: ScoreContext, name: str) -> Any:
+    """The activation store, after checking that it was captured from a model of these layer widths."""
+    store = ctx.require_store(name)
+    if store.widths != [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]:
+        raise UserError(f"scorer {name!r}: activation store widths do not match the model")
+    return store
+
+
+def elimination_options(ctx: ScoreContext, name: str, steps_key: str = "obs_steps", default_steps: int = 10,
+                        default_sparsity: float | None = None) -> tuple[float, int, float]:
+    """(sparsity, steps, ridge) of an elimination scorer: it eliminates down to the plan's own target, so a
+    missing target is an error unless the scorer has a documented fallback (``default_sparsity``)."""
+    sparsity = ctx.options.get("sparsity")
+    if sparsity is None:
+        if default_sparsity is None:
+            raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
+        log.warning("%s scorer: no target sparsity in options; eliminating down to %.0f%% of each layer",
+                    name, 100 * (1 - default_sparsity))
+        sparsity = default_sparsity
+    sparsity, steps, ridge = float(sparsity), int(ctx.options.get(steps_key, default_steps)), \
+        float(ctx.options.get("ridge", 1e-3))
+    if not 0.0 <= sparsity < 1.0 or steps < 1 or ridge < 0:
+        raise UserError(f"{name}: need 0 <= sparsity < 1, {steps_key} >= 1 and ridge >= 0 "
+                        f"(got sparsity {sparsity}, {steps_key} {steps}, ridge {ridge})")
+    return sparsity, steps, ridge
+
+
 @SCORERS.register("obs")
 def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """Iterative OBS elimination per layer, from the stored activations' Gram matrices."""
-    store = ctx.require_store("obs")
-    mlps = ctx.adapter.mlps(ctx.model)
-    if store.widths != [ctx.adapter.width(m) for m in mlps]:
-        raise UserError("scorer 'obs': activation store widths do not match the model")
-    sparsity = ctx.options.get("sparsity")
-    if sparsity is None:
-        log.warning("obs scorer: no target sparsity in options; eliminating down to 50%% of each layer")
-        sparsity = 0.5
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise UserError(f"obs: sparsity must be in [0, 1), got {sparsity}")
-    steps = int(ctx.options.get("obs_steps", 10))
-    ridge = float(ctx.options.get("ridge", 1e-3))
-    if steps < 1 or ridge < 0:
-        raise UserError("obs: obs_steps must be >= 1 and ridge >= 0")
+    store = checked_store(ctx, "obs")
+    sparsity, steps, ridge = elimination_options(ctx, "obs", default_sparsity=0.5)
     out = []
-    for i, m in enumerate(tqdm(mlps, desc="obs scoring", unit="layer")):
+    for i, m in enumerate(tqdm(ctx.adapter.mlps(ctx.model), desc="obs scoring", unit="layer")):
         w = ctx.adapter.down_weight(m).detach().double().cpu()
         n = w.shape[1]
-        out.append(obs_order(augmented_gram(store, i), w, round(n * (1 - float(sparsity))), steps, ridge))
+        out.append(obs_order(augmented_gram(store, i), w, round(n * (1 - sparsity)), steps, ridge))
     return out

@@ -29,9 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fbnprune.errors import UserError
 from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
-from fbnprune.prune.obs import elimination_scores
+from fbnprune.prune.obs import checked_store, elimination_options, elimination_scores
 from fbnprune.prune.scorers import SCORERS, ScoreContext
 
 Neighbours = Callable[[torch.Tensor], torch.Tensor]  # alive mask (N,) -> boolean (N, N), row p = neighbours of p
@@ -90,28 +89,15 @@ def correlation_like(g: torch.Tensor, share: torch.Tensor) -> Neighbours:
     return neighbours
 
 
-def _options(ctx: ScoreContext, name: str) -> tuple[float, int, float]:
-    sparsity = ctx.options.get("sparsity")
-    if sparsity is None:
-        raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
-    steps = int(ctx.options.get("redundancy_steps", 4))
-    ridge = float(ctx.options.get("ridge", 1e-3))
-    if not 0.0 <= float(sparsity) < 1.0 or steps < 1 or ridge < 0:
-        raise UserError(f"{name}: need 0 <= sparsity < 1, redundancy_steps >= 1, ridge >= 0")
-    return float(sparsity), steps, ridge
-
-
 def redundancy_scores(ctx: ScoreContext, nets: Any, control: bool = False) -> list[torch.Tensor]:
     """Per-layer redundancy scores from the stored activations and the networks (``control``: correlation
     neighbourhoods of the same sizes)."""
     from fbnprune.prune.fbn_variants import network_neighbourhoods
 
     name = "corr_redundancy" if control else "fbn (redundancy)"
-    store = ctx.require_store(name)
+    store = checked_store(ctx, name)
     mlps = ctx.adapter.mlps(ctx.model)
-    if store.widths != [ctx.adapter.width(m) for m in mlps]:
-        raise UserError(f"scorer {name!r}: activation store widths do not match the model")
-    sparsity, steps, ridge = _options(ctx, name)
+    sparsity, steps, ridge = elimination_options(ctx, name, "redundancy_steps", 4)
     out = []
     for i, m in enumerate(tqdm(mlps, desc=f"{name} scoring", unit="layer",
                                disable=not ctx.options.get("progress", True))):
