@@ -18,6 +18,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 PRIMARY = {"arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+# published baselines (any compensation); fbn's own variants and the no-network controls are not baselines
+BASELINES = ("wanda_sp", "flap", "obs", "taylor", "magnitude", "random")
 CSV_COLUMNS = ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "mean_acc", "retention", "params"]
 
 
@@ -30,6 +32,11 @@ def task_acc(cell: dict[str, Any], task: str) -> float | None:
     if t is None:
         return None
     return t.get(PRIMARY.get(task, "acc"))
+
+
+def task_se(cell: dict[str, Any], task: str) -> float | None:
+    t = cell["eval_info"]["tasks"]["tasks"].get(task)
+    return None if t is None else t.get(PRIMARY.get(task, "acc") + "_stderr")
 
 
 def method_label(ri: dict[str, Any]) -> str:
@@ -51,6 +58,8 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
     ri, ev = cell["run_info"], cell["eval_info"]
     accs = [task_acc(cell, t) for t in tasks]
     mean = sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
+    ses = [task_se(cell, t) for t in tasks]
+    mean_se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if ses and all(x is not None for x in ses) else None
     method = method_label(ri)
     return {
         "cell": ri["cell"],
@@ -61,6 +70,7 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
         "ppl2048": ev["ppl2048"]["ppl"],
         "accs": accs,
         "mean_acc": mean,
+        "mean_se": mean_se,
         "retention": (mean / dense_mean) if (mean is not None and dense_mean) else None,
         "params": ev["params"],
         "seconds": cell["meta_info"].get("seconds"),
@@ -134,6 +144,41 @@ def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) ->
     return out
 
 
+def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> list[str]:
+    """fbn (the default) against the best published baseline of each metric at each sparsity, uniform widths.
+
+    Perplexity: the share of the baseline's increase over dense that fbn removes (positive: fbn better).
+    Accuracy: the difference of the means with its standard error (independent subsets' errors combined), so a
+    difference inside two standard errors reads as a tie."""
+    if dense is None:
+        return []
+    uni = [r for r in rows if r["allocation"] == "uniform"]
+    out = ["**fbn against the best published baseline at each sparsity** (uniform widths; baselines: "
+           f"{', '.join(BASELINES)}, each with every compensation measured)", "",
+           "| sparsity | metric | fbn | best baseline | its value | fbn vs it |", "|---|---|---|---|---|---|"]
+    n = 0
+    for s in sorted({r["sparsity"] for r in uni}):
+        fbn = next((r for r in uni if r["sparsity"] == s and r["method"] == "fbn"), None)
+        base = [r for r in uni if r["sparsity"] == s and r["method"].split("+")[0] in BASELINES]
+        if fbn is None or not base:
+            continue
+        for key, name in (("ppl128", "ppl@128"), ("ppl2048", "ppl@2048")):
+            b = min(base, key=lambda r: r[key])
+            gain = 1 - (fbn[key] - dense[key]) / (b[key] - dense[key])
+            out.append(f"| {s:.0%} | {name} | {fmt(fbn[key], 2)} | {b['method']} | {fmt(b[key], 2)} | "
+                       f"{gain:+.1%} of the increase |")
+        scored = [r for r in base if r["mean_acc"] is not None]
+        if fbn["mean_acc"] is not None and scored:
+            b = max(scored, key=lambda r: r["mean_acc"])
+            diff = fbn["mean_acc"] - b["mean_acc"]
+            se = ((fbn["mean_se"] or 0) ** 2 + (b["mean_se"] or 0) ** 2) ** 0.5
+            verdict = "tie" if abs(diff) <= 2 * se else ("better" if diff > 0 else "worse")
+            out.append(f"| {s:.0%} | mean acc | {fmt(fbn['mean_acc'])} | {b['method']} | {fmt(b['mean_acc'])} | "
+                       f"{diff:+.3f} ± {se:.3f} ({verdict}) |")
+        n += 1
+    return out if n else []
+
+
 def main() -> int:
     proto = yaml.safe_load((HERE / "protocol.yaml").read_text())
     tasks = proto["tasks"]
@@ -182,7 +227,8 @@ def main() -> int:
                              "allocation": r["allocation"], "ppl128": r["ppl128"], "ppl2048": r["ppl2048"],
                              "mean_acc": r["mean_acc"], "retention": 1.0 if r["method"] == "dense" else r["retention"],
                              "params": r["params"]})
-        md += ["", *pivot(rows, "ppl2048", "WikiText-2 perplexity @2048 (lower is better; best per column in bold)"),
+        md += ["", *head_to_head(rows, dense_row), "",
+               *pivot(rows, "ppl2048", "WikiText-2 perplexity @2048 (lower is better; best per column in bold)"),
                "", *pivot(rows, "mean_acc", "mean accuracy (noisy: 100 items per task)", low=False), ""]
         for f in plots(model, rows, results):
             md.append(f"![{f}](results/{f})")

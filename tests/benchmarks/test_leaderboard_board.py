@@ -64,3 +64,19 @@ def test_summary_csv_and_markdown(board):
     assert "| obs+refit | 30% | uniform | 25.00 |" in md
     assert (d / "results" / "m-retention.png").stat().st_size > 1000
     assert (d / "results" / "m-ppl128.png").stat().st_size > 1000
+
+
+def test_head_to_head_against_best_baseline(board):
+    d, mod = board
+    c = cell("fbn-30", "fbn", 0.3, [0.55] * 6, 22.0, 80, compensate="corrrefit")
+    for t in c["eval_info"]["tasks"]["tasks"].values():
+        t["acc_stderr"] = t["acc_norm_stderr"] = 0.05
+    (d / "results" / "m" / "fbn-30.json").write_text(json.dumps(c))
+    assert mod.main() == 0
+    md = (d / "README.md").read_text()
+    # best baseline on perplexity is obs+refit (25 vs dense 20): fbn at 22 removes 60% of its increase;
+    # fbn-global and fbn+bias are fbn variants, not baselines, and are never picked
+    assert "| 30% | ppl@128 | 22.00 | obs+refit | 25.00 | +60.0% of the increase |" in md
+    assert "| 30% | ppl@2048 | 17.60 | obs+refit | 20.00 | +60.0% of the increase |" in md
+    # accuracy: 0.55 vs obs+refit's 0.57; only fbn has standard errors (0.05 per task -> 0.0204 on the mean)
+    assert "| 30% | mean acc | 0.550 | obs+refit | 0.570 | -0.020 ± 0.020 (tie) |" in md
