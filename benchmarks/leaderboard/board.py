@@ -144,6 +144,16 @@ def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) ->
     return out
 
 
+def missing_cells(model: str, measured: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """Bundled cells of ``model`` with no result yet, and how many there are in all, so the board says which part
+    of the grid it does not show."""
+    from fbnprune.recipe import bundled_recipes
+
+    grid = [k.split("/", 1)[1] for k in bundled_recipes() if k.startswith(model + "/")]
+    done = {c["run_info"]["cell"] for c in measured}
+    return sorted(n for n in grid if n not in done), len(grid)
+
+
 def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> list[str]:
     """fbn (the default) against the best published baseline of each metric at each sparsity, uniform widths.
 
@@ -216,6 +226,10 @@ def main() -> int:
                f"(load average at start {m.get('loadavg')}). "
                f"Command: `{meta.get('command')}`. Date: {meta.get('provenance', {}).get('date')}. "
                f"Cells measured: {len(cells)}.", ""]
+        missing, n_grid = missing_cells(model, cells)
+        if missing:
+            md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "
+                   f"`run.py --model {model}` runs them): {', '.join(missing)}.", ""]
         head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", *tasks, "mean acc", "retention", "params"]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:

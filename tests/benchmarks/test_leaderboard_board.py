@@ -80,3 +80,22 @@ def test_head_to_head_against_best_baseline(board):
     assert "| 30% | ppl@2048 | 17.60 | obs+refit | 20.00 | +60.0% of the increase |" in md
     # accuracy: 0.55 vs obs+refit's 0.57; only fbn has standard errors (0.05 per task -> 0.0204 on the mean)
     assert "| 30% | mean acc | 0.550 | obs+refit | 0.570 | -0.020 ± 0.020 (tie) |" in md
+
+
+def test_board_lists_bundled_cells_not_measured(board):
+    from fbnprune.recipe import bundled_recipes
+
+    d, mod = board
+    res = d / "results" / "smollm2-135m"
+    res.mkdir()
+    (res / "dense.json").write_text(json.dumps(cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-")))
+    (res / "flap-30.json").write_text(json.dumps(cell("flap-30", "flap", 0.3, [0.5] * 6, 30.0, 80)))
+    grid = sorted(k.split("/", 1)[1] for k in bundled_recipes() if k.startswith("smollm2-135m/"))
+    assert "flap-30" in grid
+    assert mod.main() == 0
+    md = (d / "README.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("Not measured yet"))
+    assert line.startswith(f"Not measured yet ({len(grid) - 1} of the {len(grid)} bundled cells;")
+    listed = line.split(": ", 1)[1].rstrip(".").split(", ")
+    assert listed == [n for n in grid if n != "flap-30"]
+    assert "Not measured yet" not in md.split("## smollm2-135m")[0]  # model "m" has no bundled grid
