@@ -125,8 +125,9 @@ def elimination_options(ctx: ScoreContext, name: str, steps_key: str = "obs_step
         log.warning("%s scorer: no target sparsity in options; eliminating down to %.0f%% of each layer",
                     name, 100 * (1 - default_sparsity))
         sparsity = default_sparsity
-    sparsity, steps, ridge = float(sparsity), int(ctx.options.get(steps_key, default_steps)), \
-        float(ctx.options.get("ridge", 1e-3))
+    sparsity = float(sparsity)
+    steps = int(ctx.options.get(steps_key, default_steps))
+    ridge = float(ctx.options.get("ridge", 1e-3))
     if not 0.0 <= sparsity < 1.0 or steps < 1 or ridge < 0:
         raise UserError(f"{name}: need 0 <= sparsity < 1, {steps_key} >= 1 and ridge >= 0 "
                         f"(got sparsity {sparsity}, {steps_key} {steps}, ridge {ridge})")
