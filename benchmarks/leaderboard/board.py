@@ -27,16 +27,12 @@ def load_cells(model_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(model_dir.glob("*.json"))]
 
 
-def task_acc(cell: dict[str, Any], task: str) -> float | None:
+def task_acc(cell: dict[str, Any], task: str, suffix: str = "") -> float | None:
+    """The task's protocol metric (``suffix="_stderr"``: its standard error); None when the task is absent."""
     t = cell["eval_info"]["tasks"]["tasks"].get(task)
     if t is None:
         return None
-    return t.get(PRIMARY.get(task, "acc"))
-
-
-def task_se(cell: dict[str, Any], task: str) -> float | None:
-    t = cell["eval_info"]["tasks"]["tasks"].get(task)
-    return None if t is None else t.get(PRIMARY.get(task, "acc") + "_stderr")
+    return t.get(PRIMARY.get(task, "acc") + suffix)
 
 
 def method_label(ri: dict[str, Any]) -> str:
@@ -58,7 +54,7 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
     ri, ev = cell["run_info"], cell["eval_info"]
     accs = [task_acc(cell, t) for t in tasks]
     mean = sum(accs) / len(accs) if accs and all(a is not None for a in accs) else None
-    ses = [task_se(cell, t) for t in tasks]
+    ses = [task_acc(cell, t, "_stderr") for t in tasks]
     mean_se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if ses and all(x is not None for x in ses) else None
     method = method_label(ri)
     return {
