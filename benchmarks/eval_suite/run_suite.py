@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--blimp-per-paradigm", type=int, default=100)
     ap.add_argument("--ppl-max-tokens", type=int, default=65536,
-                    help="first N tokens of the test set (default 65,536; 0 = the whole set, ~25 min per length "
+                    help="first N tokens of the test set (default 65,536; 0 = the whole set, ~12 min per length "
                          "on 2 cores)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()

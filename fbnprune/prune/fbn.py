@@ -6,7 +6,7 @@ Scores (higher = keep), chosen by ``ctx.options["fbn_rule"]``:
   ``h_p`` left after a least-squares fit on the kept members of its networks (:mod:`fbnprune.prune.redundancy`).
   It needs a rebuild: a recipe's ``compensate: auto`` (the default) gives it ``corrrefit``, which measured better
   than the network rebuild ``netrefit`` the cost assumes. Chosen from the study in docs/fbn-study.md, which says
-  where it wins and by how much.
+  where it wins, where it loses, and by how much.
 * ``max_z``: the naive rule, ``s_j = max over runs and components of |z|``. Cutting at the budget keeps exactly the
   neurons the reference's union rule keeps at the matching threshold tau. It prunes about as badly as random.
 * ``recurrence``: the fraction of runs in which the neuron is a network member at tau (ties broken by ``max_z``).
