@@ -295,7 +295,7 @@ def main() -> None:
         "components": args.components, "restarts": args.restarts, "texts": args.texts, "rows": int(rows.size),
         "machine": machine(args.threads),
         "commands": dict(results.get("commands", {}), **{
-            args.phases: "nice -n 5 .venv/bin/python benchmarks/discovery_speed/run.py " + " ".join(sys.argv[1:])}),
+            args.phases: ".venv/bin/python benchmarks/discovery_speed/run.py " + " ".join(sys.argv[1:])}),
         "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                   cwd=HERE).stdout.strip(),
         "activation_bytes_one_layer_block": int(rows.size * store.widths[0] * 4),

@@ -37,7 +37,10 @@ log = logging.getLogger("fbnprune.discover")
 
 FORMAT_VERSION = 1
 MAX_MATCH_RUNS = 16  # network matching is pairwise (Hungarian per pair); the first 16 runs are matched
-ICA_BATCH_ELEMS = 1 << 26  # ICA work-buffer budget (elements) per batch of (window, restart) problems
+# ICA work-buffer budget (elements) per batch of (window, restart) problems. On CPU the solver's elementwise passes
+# are memory-bound, so a batch that fits in the last-level cache (one SmolLM2 layer's 10 restarts) ran 25 % faster
+# per layer than batches of 8 layers (measured on the 2-core EPYC); a GPU wants the bigger batches.
+ICA_BATCH_ELEMS = {"cpu": 1 << 23, "cuda": 1 << 26}
 RETRY_SEED_STEP = 100_003
 
 
@@ -115,7 +118,8 @@ def cache_key(store: ActivationStore, cfg: DiscoverConfig) -> str:
 def _decompose_run(pcas: list[PCABlock], cfg: DiscoverConfig, seed: int) -> list[ICAOutcome]:
     """ICA of every window of one run, in batches that respect the work-buffer budget."""
     k, n = pcas[0].u.shape[1], (pcas[0].x1.shape[1] if cfg.method == "fastica" else pcas[0].u.shape[0])
-    per_chunk = max(1, ICA_BATCH_ELEMS // (4 * k * max(n, k) * cfg.n_restarts))
+    budget = ICA_BATCH_ELEMS["cpu" if str(cfg.device).startswith("cpu") else "cuda"]
+    per_chunk = max(1, budget // (4 * k * max(n, k) * cfg.n_restarts))
     outs: list[ICAOutcome] = []
     for c in range(0, len(pcas), per_chunk):
         outs += decompose(
