@@ -116,8 +116,15 @@ def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):
     rf = recipe_file(tiny_env, tmp_path, method="fbn")
     assert main(["collect", str(rf)]) == 0
     store = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    from fbnprune.collect.store import ActivationStore
+
+    rows = ActivationStore(store).rows()
+    assert (rows[:, 1] == 0).any()  # recipes keep the attention-sink position for scores and re-fits
     assert main(["discover", str(rf)]) == 0
     nets = capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1]
+    summary = json.loads(next(p for p in (tmp_path / "cache" / "networks").rglob("*.json")
+                              if "summary" in p.name).read_text())
+    assert summary["split"]["skipped_first"] == 1  # ... and discovery leaves it out
     def cached():
         return sorted(str(p.relative_to(tmp_path)) for sub in ("activations", "networks")
                       for p in (tmp_path / "cache" / sub).iterdir())

@@ -53,6 +53,10 @@ class DiscoverConfig(BaseModel):
     dtype: Literal["float32", "float64"] = Field("float32", description="ICA precision of the torch backend")
     pca_iters: int = Field(4, ge=0, description="power iterations of the randomized PCA (reference: 4)")
     ddof: int = Field(1, ge=0, le=1, description="z-scoring of neurons over tokens (reference: ddof 1)")
+    skip_first: int = Field(
+        1, ge=0, description="ignore the first positions of every sequence (the attention sink, whose outlier "
+        "activations would dominate the z-scores) even when the store kept them for scoring and re-fits"
+    )
     match_threshold: float = Field(
         0.3, gt=0, le=1, description="Jaccard overlap at which two runs' networks count as the same network"
     )

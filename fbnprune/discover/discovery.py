@@ -72,6 +72,11 @@ def block_ranges(store: ActivationStore, cfg: DiscoverConfig) -> tuple[list[np.n
     else:
         blocks = [np.arange(n)]
         info.update(unit="all rows")
+    dropped = int(store.meta.get("drop_first", 0) or 0)
+    if cfg.skip_first > dropped:  # the store kept sink positions (for scorers and re-fits): ICA leaves them out
+        pos = store.rows()[:, 1]
+        blocks = [b[pos[b] >= cfg.skip_first] for b in blocks]
+        info["skipped_first"] = cfg.skip_first
     if cfg.n_runs is not None:
         if cfg.n_runs > len(blocks):
             raise UserError(f"n_runs = {cfg.n_runs} but the store only has {len(blocks)} complete blocks")
@@ -109,7 +114,8 @@ def cache_key(store: ActivationStore, cfg: DiscoverConfig) -> str:
             "rows": m.get("n_rows"),
             "drop_first": m.get("drop_first"),
         },
-        "cfg": cfg.model_dump(exclude={"device"}),
+        # skip_first at its default is left out so that networks cached before the field existed stay valid
+        "cfg": cfg.model_dump(exclude={"device"} | ({"skip_first"} if cfg.skip_first == 1 else set())),
         "v": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]

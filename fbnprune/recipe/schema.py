@@ -36,7 +36,12 @@ class CollectConfig(Strict):
     batch_size: int = Field(4, ge=1)
     seed: int = 0
     keep_activations: bool = True
-    drop_first: int = Field(1, ge=0)
+    drop_first: int = Field(
+        0, ge=0, description="positions left out of every sequence's statistics. 0 (default) keeps the first "
+        "position: SmolLM2's attention sink drives an MLP output ~800x a normal token's, and scores and re-fits "
+        "that never see it prune and re-fit the neurons that make it (benchmarks/fbn_rules, docs/fbn-study.md); "
+        "discovery leaves it out by itself (discover.skip_first)"
+    )
 
 
 class PruneConfig(Strict):

@@ -148,3 +148,41 @@ def test_matching_and_recurrence_helpers():
     rec = network_recurrence([a, b, a], threshold=0.6)
     assert rec[0, 0] == 1.0 and rec[0, 1] == 1.0 and rec[0, 2] == 0.0
     assert np.isnan(network_recurrence([a], 0.5)).all()
+
+
+def _store_with_sinks(path, layers, docs, *, with_sinks: bool):
+    """A store whose texts start at position 0 (kept, ``drop_first=0``) or at 1 (dropped), with a huge outlier at
+    every position 0, as SmolLM2's attention sink has."""
+    from fbnprune.collect.store import StoreWriter
+
+    starts = np.r_[True, docs[1:] != docs[:-1]]
+    keep = np.ones(len(docs), dtype=bool) if with_sinks else ~starts
+    pos = np.concatenate([np.arange(c) for c in np.unique(docs, return_counts=True)[1]])
+    w = StoreWriter(path, [a.shape[1] for a in layers], int(keep.sum()), True,
+                    {"data_sha256": "sinks", "model": {"source": "synthetic"}, "drop_first": 0 if with_sinks else 1})
+    w.rows[:, 0] = docs[keep]
+    w.rows[:, 1] = pos[keep]
+    w.rows[:, 2] = docs[keep]
+    for i, a in enumerate(layers):
+        a = a.copy()
+        a[starts] *= 500.0  # the sink outlier: it would dominate every neuron's z-score
+        w.add(i, 0, torch.from_numpy(a[keep]))
+    return w.finish()
+
+
+def test_discovery_skips_sink_positions_the_store_kept(tmp_path):
+    """A store that kept position 0 (for scorers and re-fits) gives the same networks as one that dropped it."""
+    from .conftest import planted
+
+    docs = np.repeat(np.arange(12), 250)
+    a0, _ = planted(t=len(docs), n=400, groups=4, size=10, seed=1)
+    kept = _store_with_sinks(tmp_path / "kept", [a0], docs, with_sinks=True)
+    dropped = _store_with_sinks(tmp_path / "dropped", [a0], docs, with_sinks=False)
+    assert kept.n_rows == dropped.n_rows + 12
+    t_kept, s_kept = discover_networks(kept, DiscoverConfig(**FAST), progress=False)
+    t_drop, _ = discover_networks(dropped, DiscoverConfig(**FAST), progress=False)
+    assert s_kept["split"]["skipped_first"] == 1
+    assert torch.allclose(t_kept["score.0"], t_drop["score.0"], atol=1e-4)
+    # without the skip, the sinks are in the ICA and the scores change
+    t_raw, _ = discover_networks(kept, DiscoverConfig(**FAST, skip_first=0), progress=False)
+    assert not torch.allclose(t_raw["score.0"], t_drop["score.0"], atol=1e-2)
