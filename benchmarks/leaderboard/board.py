@@ -192,7 +192,10 @@ def main() -> int:
     md = ["# fbnprune leaderboard", "",
           "Every method runs through the same engine, data and evaluation. Pinned protocol "
           f"(`protocol.yaml`, version {proto['version']}): calibration {proto['calibration']['n_tokens']} tokens of "
-          f"{proto['calibration']['source']} (seed {proto['calibration']['seed']}); token perplexity on the first "
+          f"{proto['calibration']['source']} (seed {proto['calibration']['seed']}"
+          + (f", first {proto['calibration']['drop_first']} position(s) of each sequence left out"
+             if proto["calibration"].get("drop_first") else "")
+          + "); token perplexity on the first "
           f"{proto['perplexity']['max_tokens']:,} tokens of {proto['perplexity']['source']} in non-overlapping windows of "
           f"128 and 2048 tokens; zero-shot accuracy on a fixed seeded subset of {proto['task_subset']['items']} items "
           f"(seed {proto['task_subset']['seed']}) of each of {', '.join(tasks)} ({proto['metric']}). "

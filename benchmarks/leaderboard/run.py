@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     c = proto["calibration"]
     calib = [f"collect.source={c['source']}", f"collect.n_tokens={c['n_tokens']}", f"collect.seq_len={c['seq_len']}",
-             f"collect.seed={c['seed']}", "collect.keep_activations=true"]
+             f"collect.seed={c['seed']}", f"collect.drop_first={c['drop_first']}", "collect.keep_activations=true"]
     first = load_recipe(next(iter(cells.values())), calib)
     base = load(first)
     collect_stage(base)
