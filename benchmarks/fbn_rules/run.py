@@ -126,7 +126,11 @@ def main() -> None:
     ap.add_argument("--tasks", default="", help="comma-separated task names (evaluated on a --limit subset)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--drop-first", type=int, default=CALIB["drop_first"],
+                    help="calibration positions dropped per sequence (default 1: the attention-sink position); "
+                         "other values write to a '_drop<N>' results folder")
     args = ap.parse_args()
+    calib_cfg = dict(CALIB, drop_first=args.drop_first)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -134,7 +138,8 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     comps = args.compensations.split(",")
     tasks = [t for t in args.tasks.split(",") if t]
-    sub = f"ppl{args.eval_tokens}" + (f"_tasks{args.limit}" if tasks else "")
+    sub = f"ppl{args.eval_tokens}" + (f"_tasks{args.limit}" if tasks else "") + \
+        (f"_drop{args.drop_first}" if args.drop_first != CALIB["drop_first"] else "")
     out = Path(args.out) / args.model / sub
     out.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -145,12 +150,16 @@ def main() -> None:
     lm = load_model(args.model, dtype="float32")
     model, tok = lm.model.eval(), lm.tokenizer
     adapter = get_adapter(model)
-    calib = make_sequences(tok, CALIB["source"], n_tokens=CALIB["n_tokens"], seq_len=CALIB["seq_len"],
-                           mode=CALIB["mode"], seed=CALIB["seed"])
-    store = collect(model, calib, model_info=lm.info, keep_activations=True, drop_first=CALIB["drop_first"])
+    calib = make_sequences(tok, calib_cfg["source"], n_tokens=calib_cfg["n_tokens"], seq_len=calib_cfg["seq_len"],
+                           mode=calib_cfg["mode"], seed=calib_cfg["seed"])
+    store = collect(model, calib, model_info=lm.info, keep_activations=True, drop_first=calib_cfg["drop_first"])
+    # networks always come from the store without the first position: its outliers (SmolLM2's attention sink reaches
+    # 800x a normal token's MLP output) would dominate ICA's z-scores; scores and re-fits use ``store``
+    disc_store = store if calib_cfg["drop_first"] == CALIB["drop_first"] else collect(
+        model, calib, model_info=lm.info, keep_activations=True, drop_first=CALIB["drop_first"])
     set_gram_cache_size(len(adapter.mlps(model)))
     toks = token_stream(tok, "wikitext2-test", args.eval_tokens)
-    protocol = {"model": args.model, "calibration": CALIB, "eval_tokens": args.eval_tokens, "seq_len": 512,
+    protocol = {"model": args.model, "calibration": calib_cfg, "eval_tokens": args.eval_tokens, "seq_len": 512,
                 "ridge": RIDGE, "obs_steps": OBS_STEPS, "round_to": 8, "mode": "mask",
                 "tasks": tasks, "task_limit": args.limit if tasks else None}
 
@@ -194,7 +203,7 @@ def main() -> None:
                 dkey = spec.get("discover")
                 if dkey:
                     if dkey not in nets_cache:
-                        nets_cache[dkey] = run_discovery(store, DiscoverConfig(**DISCOVER[dkey]), progress=False)
+                        nets_cache[dkey] = run_discovery(disc_store, DiscoverConfig(**DISCOVER[dkey]), progress=False)
                     opts["networks"] = nets_cache[dkey]
                 key = (v, sp)
                 if key not in score_cache:
@@ -212,7 +221,7 @@ def main() -> None:
                 # netrefit / corrrefit use the variant's own networks, else the union over the runs of "runs4"
                 nkey = dkey or "runs4"
                 if cp in ("netrefit", "corrrefit") and nkey not in nets_cache:
-                    nets_cache[nkey] = run_discovery(store, DiscoverConfig(**DISCOVER[nkey]), progress=False)
+                    nets_cache[nkey] = run_discovery(disc_store, DiscoverConfig(**DISCOVER[nkey]), progress=False)
                 if cp == "netrefit":  # re-fit restricted to functional networks
                     rep = network_refit_compensation_(m, plan, store, nets_cache[nkey], ridge=RIDGE)
                 elif cp == "corrrefit":  # control: netrefit's neighbourhood sizes, neighbours by correlation

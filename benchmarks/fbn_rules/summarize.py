@@ -25,7 +25,9 @@ def table(d: Path) -> list[str]:
     lines = [
         f"### {first['protocol']['model']}, perplexity on the first {first['protocol']['eval_tokens']:,} tokens of "
         "wikitext2-test" + (f", tasks on {first['protocol']['task_limit']}-item subsets" if first["protocol"].get(
-            "tasks") else ""),
+            "tasks") else "") + ("; calibration keeps the first position of each sequence (the attention sink)"
+                                 if first["protocol"]["calibration"].get("drop_first") == 0 else
+                                 "; calibration leaves the first position out"),
         "",
         f"Dense perplexity: **{dense['ppl']:.2f}**" if dense else "Dense perplexity: (not measured)",
         "",
