@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,14 +165,17 @@ def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> li
            "| sparsity | metric | fbn | best baseline | its value | fbn vs it |", "|---|---|---|---|---|---|"]
     n = 0
     for s in sorted({r["sparsity"] for r in uni}):
-        fbn = next((r for r in uni if r["sparsity"] == s and r["method"] == "fbn"), None)
+        # the bundled fbn recipe's cell, whatever its label: cells measured before the default compensation
+        # changed carry the old one in their label (e.g. fbn+corrrefit)
+        fbn = next((r for r in uni if r["sparsity"] == s and re.fullmatch(r"fbn-\d+", r["cell"])), None)
         base = [r for r in uni if r["sparsity"] == s and r["method"].split("+")[0] in BASELINES]
         if fbn is None or not base:
             continue
         for key, name in (("ppl128", "ppl@128"), ("ppl2048", "ppl@2048")):
             b = min(base, key=lambda r: r[key])
             gain = 1 - (fbn[key] - dense[key]) / (b[key] - dense[key])
-            out.append(f"| {s:.0%} | {name} | {fmt(fbn[key], 2)} | {b['method']} | {fmt(b[key], 2)} | "
+            tag = "" if fbn["method"] == "fbn" else f" ({fbn['method']})"
+            out.append(f"| {s:.0%} | {name} | {fmt(fbn[key], 2)}{tag} | {b['method']} | {fmt(b[key], 2)} | "
                        f"{gain:+.1%} of the increase |")
         scored = [r for r in base if r["mean_acc"] is not None]
         if fbn["mean_acc"] is not None and scored:
