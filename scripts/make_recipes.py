@@ -20,14 +20,14 @@ MODELS = {
     "gemma3-270m": "Gemma 3 270M (18 x 2048 MLP neurons)",
 }
 METHODS = {
-    "fbn": "functional networks (remove what the networks can rebuild, then rebuild it: redundancy + corrrefit)",
+    "fbn": "functional networks (remove what the networks can rebuild, then re-fit the rest: redundancy + refit)",
     "random": "random neurons (the floor)",
     "magnitude": "weight norms",
     "wanda_sp": "Wanda-sp (activation norm x down-column norm)",
     "flap": "FLAP fluctuation (activation variance x squared down-column norm)",
     "taylor": "first-order Taylor importance (LLM-Pruner)",
     "obs": "structured optimal brain surgeon (SlimGPT/ZipLM-style)",
-    "corr_redundancy": "the fbn rule's control: neighbours by correlation instead of networks (+ corrrefit)",
+    "corr_redundancy": "the fbn rule's control: neighbours by correlation instead of networks (+ refit)",
 }
 #: (tag, method, options): the variants besides one recipe per method
 EXTRA = [
@@ -35,7 +35,7 @@ EXTRA = [
     ("fbn-bias", "fbn", {"compensate": "bias"}),
     ("fbn-netrefit", "fbn", {"compensate": "netrefit"}),  # the fbn selection rebuilt from network neighbours
     ("fbn_maxz", "fbn", {"fbn_rule": "max_z"}),  # the naive rule of the reference code
-    ("wanda_sp-corrrefit", "wanda_sp", {"compensate": "corrrefit"}),  # the best rule without networks before
+    ("wanda_sp-corrrefit", "wanda_sp", {"compensate": "corrrefit"}),  # the control of fbn's former rebuild
     ("wanda_sp-bias", "wanda_sp", {"compensate": "bias"}),
     ("flap-bias", "flap", {"compensate": "bias"}),  # FLAP as published (fluctuation + bias compensation)
     ("obs-refit", "obs", {"compensate": "refit"}),  # OBS with the re-fit it assumes (SlimGPT/ZipLM)

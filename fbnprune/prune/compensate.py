@@ -39,14 +39,15 @@ COMPENSATIONS = ("none", "bias", "refit", "anchored", "netrefit", "corrrefit")
 def default_compensation(method: str, fbn_rule: str = "redundancy") -> str:
     """What a recipe's ``compensate: auto`` means: the rebuild a selection rule needs.
 
-    The fbn ``redundancy`` rule removes the neurons that neighbours can rebuild, so it needs a rebuild. It gets
-    ``corrrefit`` (neighbours by activation correlation), which rebuilt better than ``netrefit`` (neighbours from
-    the networks) at 50 % on SmolLM2 and at 30 % on Gemma 3 and tied at 20 % (docs/fbn-study.md). Its control
-    ``corr_redundancy`` gets the same. Every other method is measured as its authors publish it without further
+    The fbn ``redundancy`` rule removes the neurons the rest can rebuild, so it needs a rebuild. It gets ``refit``
+    (the ridge re-fit of all kept down columns and a bias): once the calibration keeps the attention-sink position
+    (``collect.drop_first: 0``), it beat the neighbour rebuilds ``corrrefit`` and ``netrefit`` after every selection
+    rule measured, on both models (docs/fbn-study.md, session 6; before that, the re-fit looked like it over-fitted
+    and ``corrrefit`` was the default). Its control ``corr_redundancy`` gets the same. Every other method is measured as its authors publish it without further
     options, i.e. with no compensation (ask for ``bias``, ``refit`` ... explicitly).
     """
     redundancy = (method == "fbn" and fbn_rule == "redundancy") or method == "corr_redundancy"
-    return "corrrefit" if redundancy else "none"
+    return "refit" if redundancy else "none"
 #: attribute set on a model whose down-projection bias its stock config cannot express
 UNEXPORTABLE_ATTR = "fbnprune_unexportable_bias"
 

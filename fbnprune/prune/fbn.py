@@ -4,9 +4,10 @@ Scores (higher = keep), chosen by ``ctx.options["fbn_rule"]``:
 
 * ``redundancy`` (default): remove the neurons their own networks can rebuild: ``||W_p||^2`` times the variance of
   ``h_p`` left after a least-squares fit on the kept members of its networks (:mod:`fbnprune.prune.redundancy`).
-  It needs a rebuild: a recipe's ``compensate: auto`` (the default) gives it ``corrrefit``, which measured better
-  than the network rebuild ``netrefit`` the cost assumes. Chosen from the study in docs/fbn-study.md, which says
-  where it wins, where it loses, and by how much.
+  It needs a rebuild: a recipe's ``compensate: auto`` (the default) gives it ``refit``, the ridge re-fit of all kept
+  down columns, which measured better than the neighbour rebuilds (``corrrefit``, ``netrefit``) once the
+  calibration keeps the attention-sink position. Chosen from the study in docs/fbn-study.md, which says where it
+  wins, where it loses (OBS with the same re-fit is better on both models), and by how much.
 * ``max_z``: the naive rule, ``s_j = max over runs and components of |z|``. Cutting at the budget keeps exactly the
   neurons the reference's union rule keeps at the matching threshold tau. It prunes about as badly as random.
 * ``recurrence``: the fraction of runs in which the neuron is a network member at tau (ties broken by ``max_z``).
@@ -19,7 +20,7 @@ Networks come from ``ctx.options["networks"]`` (a :class:`NetworkSet`) when give
 
 Example recipe::
 
-    prune: {method: fbn, sparsity: 0.2}            # redundancy rule + corrrefit compensation
+    prune: {method: fbn, sparsity: 0.2}            # redundancy rule + refit compensation
     discover: {n_components: 128, n_restarts: 10, block_texts: 40, threshold: 3.6}
 """
 

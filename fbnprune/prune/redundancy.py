@@ -9,13 +9,13 @@ the part of ``h_p`` its network cannot explain, sent through ``p``'s down column
 A neuron in no network keeps only the constant, so its cost is ``||W_p||^2 Var(h_p)``: FLAP's fluctuation score.
 So this rule is FLAP with the variance measured after the network has explained what it can, and it asks the
 question the pruning study ended on (docs/fbn-study.md): not "which neurons matter" but "which neurons can the
-rest absorb". The rebuild that measured best after this selection is ``corrrefit`` (neighbours by correlation,
-as many as the networks give), so that is what ``compensate: auto`` pairs it with; ``netrefit`` is the rebuild
-the cost describes exactly. Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds
+rest absorb". ``netrefit`` is the rebuild the cost describes exactly; the rebuild that measured best after this
+selection is the global ``refit`` once the calibration keeps the attention-sink position (before that,
+``corrrefit``), so that is what ``compensate: auto`` pairs it with (docs/fbn-study.md, session 6). Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds
 on the survivors (as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
 
 ``corr_redundancy`` is its control without networks: each neuron gets as many neighbours as its networks would
-give it, but the most correlated ones (as ``corrrefit`` does for the compensation). Pair it with ``corrrefit``.
+give it, but the most correlated ones (as ``corrrefit`` does for the compensation); ``auto`` pairs it with ``refit``.
 
 Costs of different pruned neurons are treated as independent (their residuals' cross terms are ignored), as
 FLAP and Wanda-sp also do.

@@ -62,7 +62,7 @@ class PruneConfig(Strict):
     round_to: int = Field(8, ge=1)
     compensate: Literal["auto", "none", "bias", "refit", "anchored", "netrefit", "corrrefit"] = Field(
         "auto",
-        description="auto (default): corrrefit for fbn's redundancy rule and for corr_redundancy, else none; "
+        description="auto (default): refit for fbn's redundancy rule and for corr_redundancy, else none; "
         "bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias; "
         "anchored: re-fit shrunk toward the original columns; netrefit: each pruned neuron rebuilt from the kept "
         "members of its functional networks; corrrefit: the same with neighbours by activation correlation "

@@ -71,11 +71,11 @@ def test_discover_blocks_must_match_collect_mode():
 
 def test_compensate_auto_resolves_to_the_rules_own_refit():
     fbn = ["prune.method=fbn", "collect.keep_activations=true"]
-    assert load_recipe("quickstart", fbn).prune.compensate == "corrrefit"  # the redundancy rule's rebuild
+    assert load_recipe("quickstart", fbn).prune.compensate == "refit"  # the redundancy rule's rebuild
     assert load_recipe("quickstart", [*fbn, "prune.fbn_rule=max_z"]).prune.compensate == "none"
     assert load_recipe("quickstart", [*fbn, "prune.compensate=bias"]).prune.compensate == "bias"
     assert load_recipe("quickstart", ["prune.method=corr_redundancy", "collect.keep_activations=true"]
-                       ).prune.compensate == "corrrefit"
+                       ).prune.compensate == "refit"
     assert load_recipe("quickstart").prune.compensate == "none"  # baselines as published
     r = load_recipe("quickstart", fbn)
-    assert "compensate: corrrefit" in dump_recipe(r)  # the saved recipe says what was done
+    assert "compensate: refit" in dump_recipe(r)  # the saved recipe says what was done
