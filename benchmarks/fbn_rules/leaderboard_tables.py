@@ -4,7 +4,7 @@
 
 Why a generator: ``docs/fbn-study.md`` quotes these cells and the share of the perplexity increase over dense that
 fbn removes against each comparison; writing them by hand after every new cell is how numbers go stale. Rows are
-fbn, its no-network controls, then the published baselines with and without their compensation; a cell not
+fbn (the bundled fbn recipe, under whichever default rebuild it was measured), its no-network controls, then the published baselines with and without their compensation; a cell not
 measured yet prints ``-``. The share is ``(ppl_other - ppl_fbn) / (ppl_other - ppl_dense)`` (positive: fbn better).
 """
 
@@ -15,9 +15,12 @@ from pathlib import Path
 
 SUMMARY = Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "summary.csv"
 SPARSITIES = (0.2, 0.3, 0.5)
-ROWS = ("fbn", "corr_redundancy", "wanda_sp+corrrefit", "wanda_sp+bias", "flap+bias", "obs+refit", "wanda_sp", "flap",
-        "obs", "taylor")
-NO_NETWORK = ("corr_redundancy", "wanda_sp+corrrefit")
+#: fbn's cells: the bundled fbn recipe is labelled ``fbn`` under today's default rebuild (refit) and ``fbn+corrrefit``
+#: when it was measured under the former one (leaderboard protocol v1); its control likewise
+FBN = ("fbn", "fbn+corrrefit")
+ROWS = (*FBN, "corr_redundancy", "corr_redundancy+corrrefit", "wanda_sp+corrrefit", "wanda_sp+bias", "flap+bias",
+        "obs+refit", "wanda_sp", "flap", "obs", "taylor")
+NO_NETWORK = ("corr_redundancy", "corr_redundancy+corrrefit", "wanda_sp+corrrefit")
 PUBLISHED = ("wanda_sp+bias", "flap+bias", "obs+refit", "wanda_sp", "flap", "obs", "taylor")
 
 
@@ -48,7 +51,7 @@ def table(cells: dict[tuple[str, float], dict[str, float]]) -> list[str]:
             c = cells.get((m, s))
             vals.append("-" if c is None else f"{c['ppl2048']:.2f} / {c['ppl128']:.1f} / {c['mean_acc']:.3f}")
         if any(v != "-" for v in vals):
-            lines.append(f"| {'**fbn**' if m == 'fbn' else m} | " + " | ".join(vals) + " |")
+            lines.append(f"| {f'**{m}**' if m in FBN else m} | " + " | ".join(vals) + " |")
     return lines
 
 
@@ -60,7 +63,7 @@ def readings(cells: dict[tuple[str, float], dict[str, float]]) -> list[str]:
         for metric in ("ppl2048", "ppl128"):
             parts = []
             for s in SPARSITIES:
-                f = cells.get(("fbn", s))
+                f = next((cells[(m, s)] for m in FBN if (m, s) in cells), None)
                 cand = [(cells[(m, s)][metric], m) for m in group if (m, s) in cells]
                 if f is None or not cand:
                     parts.append(f"{round(s * 100)}%: -")

@@ -43,3 +43,14 @@ def test_tables_and_shares(tables, tmp_path):
     assert "20%: -50.0 % vs wanda_sp+bias" in read[1]
     assert "50%: -" in read[0]
     assert tables.share(16.0, 20.0, 10.0) == pytest.approx(0.4)
+
+
+def test_fbn_cells_under_the_former_rebuild_count_as_fbn(tables, tmp_path):
+    csv = write(tmp_path / "summary.csv", [
+        "m,dense,0.0,-,50,10,0.5,1.0,100",
+        "m,fbn+corrrefit,0.3,uniform,80,16,0.45,0.9,90",
+        "m,obs,0.3,uniform,70,20,0.44,0.88,90",
+    ])
+    cells = tables.load(csv)["m"]
+    assert "| **fbn+corrrefit** | - | 16.00 / 80.0 / 0.450 | - |" in tables.table(cells)
+    assert "30%: +40.0 % vs obs" in tables.readings(cells)[0]
