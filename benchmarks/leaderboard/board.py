@@ -206,9 +206,10 @@ def main() -> int:
           "Retention = pruned mean accuracy / dense mean accuracy. Subsets make the accuracies noisy "
           "(standard error about 0.05 per task, 0.02 on the mean): read small differences as ties.", "",
           "Labels: `fbn` is fbnprune's current default (`fbn_rule: redundancy` with the rebuild `compensate: auto` "
-          "gives it); `fbn(<rule>)` another fbn rule, e.g. `fbn(max_z)`, the reference's naive rule; `+<name>` a "
-          "compensation other than the method's default. Every bundled recipe of a model is a cell; cells not "
-          "measured yet are absent.", "",
+          "gives it, now the global `refit`); `fbn(<rule>)` another fbn rule, e.g. `fbn(max_z)`, the reference's "
+          "naive rule; `+<name>` a compensation other than the method's default, so the bundled fbn recipe's cells "
+          "measured when its default rebuild was `corrrefit` read `fbn+corrrefit` (the head-to-head table takes "
+          "them as fbn's). Every bundled recipe of a model is a cell; cells not measured yet are absent.", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
           "`python benchmarks/leaderboard/board.py`.", "", *[f"- {n}" for n in proto.get("notes", [])], ""]
     csv_rows = []
