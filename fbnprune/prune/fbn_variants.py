@@ -223,8 +223,10 @@ def network_refit_compensation_(model: Any, plan: KeepPlan, store: Any, nets: An
     neurons that share a network with it (plus a constant): ``h_p ~ H_{N(p)} a_p + c_p``, and its down column is
     folded into theirs (``W'_{N(p)} += W_p a_p^T``, bias ``+= W_p c_p``). A pruned neuron in no network gets only
     the constant (``fallback: bias``, FLAP's mean) or the global re-fit's share (``fallback: global``, not done
-    here). This has far fewer free parameters than the global re-fit, so it can only win on held-out text, where
-    the global re-fit over-fits the calibration rows. Returns per-layer relative output errors (calibration).
+    here). It has far fewer free parameters than the global re-fit; it was built when the global re-fit seemed to
+    over-fit, which turned out to be the calibration leaving out the attention-sink position (docs/fbn-study.md,
+    session 6): with that position kept, the global re-fit rebuilds better. Returns per-layer relative output
+    errors (calibration).
     """
 
     if fallback != "bias":
@@ -275,7 +277,8 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: Any, ridge: 
 
     ``min ||H W^T - H_K W'^T - 1 b^T||^2 + lam ||W' - W_K||^2``, ``lam = ridge * mean diag(G_KK)``. A large
     ``lam`` tends to plain pruning plus the best bias; the engine's ``refit`` tends to zero weights instead, which
-    is why raising its ridge makes things worse. Found while studying why ``refit`` over-fits (docs/fbn-study.md).
+    is why raising its ridge makes things worse. Found while studying why ``refit`` seemed to over-fit, before the
+    missing attention-sink position was found to be the cause (docs/fbn-study.md).
     """
     if ridge <= 0:
         raise UserError(f"anchored refit: ridge must be > 0, got {ridge}")
