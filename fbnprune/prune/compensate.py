@@ -43,8 +43,9 @@ def default_compensation(method: str, fbn_rule: str = "redundancy") -> str:
     (the ridge re-fit of all kept down columns and a bias): once the calibration keeps the attention-sink position
     (``collect.drop_first: 0``), it beat the neighbour rebuilds ``corrrefit`` and ``netrefit`` after every selection
     rule measured, on both models (docs/fbn-study.md, session 6; before that, the re-fit looked like it over-fitted
-    and ``corrrefit`` was the default). Its control ``corr_redundancy`` gets the same. Every other method is measured as its authors publish it without further
-    options, i.e. with no compensation (ask for ``bias``, ``refit`` ... explicitly).
+    and ``corrrefit`` was the default). Its control ``corr_redundancy`` gets the same. Every other method is
+    measured as its authors publish it without further options, i.e. with no compensation (ask for ``bias``,
+    ``refit`` ... explicitly).
     """
     redundancy = (method == "fbn" and fbn_rule == "redundancy") or method == "corr_redundancy"
     return "refit" if redundancy else "none"
