@@ -4,8 +4,8 @@
 
 Why a generator: ``docs/fbn-study.md`` quotes these cells and the share of the perplexity increase over dense that
 fbn removes against each comparison; writing them by hand after every new cell is how numbers go stale. Rows are
-fbn (the bundled fbn recipe, under whichever default rebuild it was measured), its no-network controls, then the published baselines with and without their compensation; a cell not
-measured yet prints ``-``. The share is ``(ppl_other - ppl_fbn) / (ppl_other - ppl_dense)`` (positive: fbn better).
+fbn (the bundled fbn recipe, under whichever default rebuild it was measured), its no-network controls, then the
+published baselines with and without their compensation; a cell not measured yet prints ``-``. The share is ``(ppl_other - ppl_fbn) / (ppl_other - ppl_dense)`` (positive: fbn better).
 """
 
 from __future__ import annotations
