@@ -198,7 +198,7 @@ def main() -> int:
           f"(`protocol.yaml`, version {proto['version']}): calibration {proto['calibration']['n_tokens']} tokens of "
           f"{proto['calibration']['source']} (seed {proto['calibration']['seed']}"
           + (f", first {proto['calibration']['drop_first']} position(s) of each sequence left out"
-             if proto["calibration"].get("drop_first") else "")
+             if proto["calibration"].get("drop_first") else ", every position kept, the attention sink's included")
           + "); token perplexity on the first "
           f"{proto['perplexity']['max_tokens']:,} tokens of {proto['perplexity']['source']} in non-overlapping windows of "
           f"128 and 2048 tokens; zero-shot accuracy on a fixed seeded subset of {proto['task_subset']['items']} items "
@@ -207,9 +207,10 @@ def main() -> int:
           "(standard error about 0.05 per task, 0.02 on the mean): read small differences as ties.", "",
           "Labels: `fbn` is fbnprune's current default (`fbn_rule: redundancy` with the rebuild `compensate: auto` "
           "gives it, now the global `refit`); `fbn(<rule>)` another fbn rule, e.g. `fbn(max_z)`, the reference's "
-          "naive rule; `+<name>` a compensation other than the method's default, so the bundled fbn recipe's cells "
-          "measured when its default rebuild was `corrrefit` read `fbn+corrrefit` (the head-to-head table takes "
-          "them as fbn's). Every bundled recipe of a model is a cell; cells not measured yet are absent.", "",
+          "naive rule; `+<name>` a compensation other than the method's default (baselines default to none: "
+          "`obs+refit` and `wanda_sp+refit` get fbn's own rebuild, `flap+bias` is FLAP as published). Every bundled "
+          "recipe of a model is a cell; cells not measured yet are absent. Earlier protocol versions, as measured: "
+          + (", ".join(f"[v{v}](v{v}/README.md)" for v in range(1, int(proto["version"]))) or "none") + ".", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
           "`python benchmarks/leaderboard/board.py`.", "", *[f"- {n}" for n in proto.get("notes", [])], ""]
     csv_rows = []

@@ -94,13 +94,14 @@ def test_board_lists_bundled_cells_not_measured(board):
     res = d / "results" / "smollm2-135m"
     res.mkdir()
     (res / "dense.json").write_text(json.dumps(cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-")))
-    (res / "flap-30.json").write_text(json.dumps(cell("flap-30", "flap", 0.3, [0.5] * 6, 30.0, 80)))
+    (res / "flap-bias-30.json").write_text(json.dumps(cell("flap-bias-30", "flap", 0.3, [0.5] * 6, 30.0, 80,
+                                                           compensate="bias")))
     grid = sorted(k.split("/", 1)[1] for k in bundled_recipes() if k.startswith("smollm2-135m/"))
-    assert "flap-30" in grid
+    assert "flap-bias-30" in grid
     assert mod.main() == 0
     md = (d / "README.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("Not measured yet"))
     assert line.startswith(f"Not measured yet ({len(grid) - 1} of the {len(grid)} bundled cells;")
     listed = line.split(": ", 1)[1].rstrip(".").split(", ")
-    assert listed == [n for n in grid if n != "flap-30"]
+    assert listed == [n for n in grid if n != "flap-bias-30"]
     assert "Not measured yet" not in md.split("## smollm2-135m")[0]  # model "m" has no bundled grid
