@@ -53,6 +53,30 @@ def evaluate(model: Any, tokenizer: Any, proto: dict[str, Any], streams: dict[in
     return out
 
 
+def share_scores() -> None:
+    """Let cells that differ only in allocation or compensation share their neuron scores.
+
+    Every cell prunes a fresh copy of the same dense model with the same store and networks, and scores depend
+    only on the method, its rule, ridge, seed and the sparsity (not on allocation or compensation), so fbn,
+    fbn-bias and fbn-global at one sparsity need one scoring, not three (the redundancy rule takes about a minute
+    per scoring on SmolLM2)."""
+    import fbnprune.run as run_mod
+
+    memo: dict[tuple[Any, ...], Any] = {}
+    score = run_mod.score_neurons
+
+    def cached(method: str, ctx: Any) -> Any:
+        o = ctx.options
+        key = (method, ctx.seed, o.get("fbn_rule"), o.get("ridge"), o.get("sparsity"))
+        if key not in memo:
+            memo[key] = score(method, ctx)
+        else:
+            say(f"scores of {key} reused from an earlier cell")
+        return [s.clone() for s in memo[key]]
+
+    run_mod.score_neurons = cached
+
+
 def cell_names(model: str) -> dict[str, Path]:
     return {k.split("/", 1)[1]: v for k, v in bundled_recipes().items() if k.startswith(model + "/")}
 
@@ -63,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", nargs="*", default=["*"], help="glob patterns of cell names (default: all)")
     args = ap.parse_args(argv)
     proto = protocol()
+    share_scores()
     # cells run in the order of the patterns given (then by name), so the most informative can go first
     order = {n: min(i for i, pat in enumerate(args.cells) if fnmatch.fnmatch(n, pat))
              for n in cell_names(args.model) if any(fnmatch.fnmatch(n, pat) for pat in args.cells)}

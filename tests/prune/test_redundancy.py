@@ -12,7 +12,7 @@ from fbnprune.discover.networks import pack_bits
 from fbnprune.errors import UserError
 from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
-from fbnprune.prune.redundancy import correlation_like, redundancy_order, residual_sse
+from fbnprune.prune.redundancy import correlation_like, redundancy_order, residual_sse, residual_sse_many
 from tests.conftest import tiny_model
 from tests.prune.conftest import make_store
 
@@ -32,6 +32,30 @@ def planted(rows: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     for a, b in ((0, 1), (2, 3)):
         share[a, b] = share[b, a] = True
     return h, share
+
+
+@pytest.mark.parametrize("ridge", [1e-3, 0.0])
+def test_batched_residuals_equal_one_neuron_solves(ridge):
+    """Padding, grouping by list length, several batches and the fallback for a dead neuron (singular at ridge 0)
+    change nothing against solving each neuron alone."""
+    g0 = torch.Generator().manual_seed(1)
+    n, rows = 90, 400
+    h = torch.randn(rows, 20, generator=g0, dtype=torch.float64) @ torch.randn(20, n, generator=g0,
+                                                                                dtype=torch.float64)
+    h += 0.1 * torch.randn(rows, n, generator=g0, dtype=torch.float64)
+    h[:, 7] = 0.0  # dead: its neighbours' systems stay fine, its own column/row is all zero
+    g = gram_of(h)
+    ps = torch.arange(n)
+    nbs = []
+    for p in range(n):
+        nb = torch.randperm(n, generator=g0)[: int(torch.randint(0, 30, (1,), generator=g0))]
+        nbs.append(nb[nb != p])
+    nbs[3] = torch.tensor([7, 8, 9])  # a dead neighbour: singular without ridge
+    ref = torch.tensor([residual_sse(g, p, nb, ridge) for p, nb in zip(ps.tolist(), nbs, strict=True)],
+                       dtype=torch.float64)
+    got = residual_sse_many(g, ps, nbs, ridge, max_elems=4000)  # forces many small batches
+    torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-6 * float(ref.max()))
+    assert len(residual_sse_many(g, ps[:0], [], ridge)) == 0
 
 
 def test_residual_without_neighbours_is_the_variance_and_with_an_exact_copy_is_zero():
