@@ -41,6 +41,28 @@ def test_perplexity_matches_direct_computation(small_llama):
         perplexity(small_llama, tokens[:50], seq_len=64, progress=False)
 
 
+@pytest.mark.parametrize("softcap", [None, 0.05])  # small: random logits are far inside a usual cap
+def test_chunked_head_equals_the_models_own_logits(monkeypatch, softcap):
+    """perplexity() applies the output head in chunks; on Gemma 3 (with and without final soft-capping) the
+    result equals the loss from the model's own logits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    import fbnprune.evaluate.ppl as ppl
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=16, vocab_size=300, final_logit_softcapping=softcap)
+    model = Gemma3ForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 300, (640,), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(ppl, "HEAD_CHUNK", 50)  # several chunks per batch, one ragged
+    got = perplexity(model, tokens, seq_len=64, batch_size=4, progress=False)
+    whole = ppl._full_nll(model)
+    windows = tokens.view(10, 64)
+    ref = sum(whole(windows[i : i + 4]) for i in range(0, 10, 4))  # the same batches: 4, 4 and 2 windows
+    assert got["nll"] == pytest.approx(ref / got["tokens_scored"], rel=1e-5)
+    assert ppl._chunked_nll(model) is not None
+
+
 def test_agreement_of_a_model_with_itself_and_with_a_perturbed_copy(small_llama):
     import copy
 
