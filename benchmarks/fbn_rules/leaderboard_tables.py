@@ -1,4 +1,4 @@
-"""The study's tables on the leaderboard protocol, generated from ``benchmarks/leaderboard/results/summary.csv``.
+"""The study's tables on leaderboard protocol v1, from ``benchmarks/leaderboard/v1/results/summary.csv``.
 
     python benchmarks/fbn_rules/leaderboard_tables.py            # Markdown for docs/fbn-study.md
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-SUMMARY = Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "summary.csv"
+SUMMARY = Path(__file__).resolve().parents[1] / "leaderboard" / "v1" / "results" / "summary.csv"
 SPARSITIES = (0.2, 0.3, 0.5)
 #: fbn's cells: the bundled fbn recipe is labelled ``fbn`` under today's default rebuild (refit) and ``fbn+corrrefit``
 #: when it was measured under the former one (leaderboard protocol v1); its control likewise
