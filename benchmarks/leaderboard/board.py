@@ -95,16 +95,29 @@ def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
             continue
         key = r["method"] + ("" if r["allocation"] == "uniform" else f" ({r['allocation']})")
         by_method.setdefault(key, []).append(r)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vPX<>*"
     for metric, ylabel, log in (("retention", "mean-accuracy retention vs dense", False),
-                                ("ppl128", "WikiText-2 perplexity (seq 128, log scale)", True)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m, rs in sorted(by_method.items()):
+                                ("ppl128", "WikiText-2 perplexity (seq 128, log scale)", True),
+                                ("ppl2048", "WikiText-2 perplexity (seq 2048, log scale)", True)):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        # perplexity: the competitive methods live within a few times dense; the floors (random, magnitude,
+        # the naive rule) would squeeze them into one line, so the axis stops at 5x dense and says who left it
+        top = 5 * dense[metric] if dense and metric.startswith("ppl") else None
+        for i, (m, rs) in enumerate(sorted(by_method.items())):
             rs = sorted((r for r in rs if r[metric] is not None), key=lambda r: r["sparsity"])
-            if rs:
-                ax.plot([r["sparsity"] for r in rs], [r[metric] for r in rs], marker="o", label=m)
-        dense = next((r for r in rows if r["method"] == "dense"), None)
-        if dense and metric == "ppl128":
-            ax.axhline(dense["ppl128"], color="k", ls="--", lw=1, label="dense")
+            if not rs:
+                continue
+            off = top is not None and all(r[metric] > top for r in rs)
+            ax.plot([r["sparsity"] for r in rs], [r[metric] for r in rs], marker=markers[i % len(markers)],
+                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                    lw=2.5 if m.startswith("fbn") and "(" not in m and "+" not in m else 1.2,
+                    label=m + (" (off scale)" if off else ""))
+        if top is not None:
+            ax.set_ylim(0.9 * dense[metric], top)
+        if dense and metric.startswith("ppl"):
+            ax.axhline(dense[metric], color="k", ls="--", lw=1, label="dense")
         if metric == "retention":
             ax.axhline(1.0, color="k", ls="--", lw=1, label="dense")
         if log:
