@@ -50,7 +50,7 @@ def residual_sse(g: torch.Tensor, p: int, nb: torch.Tensor, ridge: float) -> flo
 def residual_sse_many(g: torch.Tensor, ps: torch.Tensor, nbs: list[torch.Tensor], ridge: float,
                       max_elems: int = 1 << 24) -> torch.Tensor:
     """:func:`residual_sse` of many neurons at once (``nbs[j]``: the neighbours of ``ps[j]``), as batched
-    Cholesky solves: a per-neuron Python loop spent ~4 s per SmolLM2 layer on solve overhead.
+    Cholesky solves (a SmolLM2 layer took 3.5 s with one solve per neuron, 1.8 s batched).
 
     Neighbour lists of different lengths are padded with inert entries (identity rows, zero right-hand side), so
     their solutions are zero and they add nothing. Neurons are grouped by list length so padding stays small, in
