@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fbnprune.errors import UserError
+from fbnprune.evaluate.ppl import split_head
 
 log = logging.getLogger("fbnprune")
 
@@ -70,11 +71,10 @@ class PackedScorer:
 
     def __init__(self, model: Any, *, max_length: int, row_tokens: int = 512, rows_per_batch: int = 8) -> None:
         self.model = model
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        if self.decoder is None or self.head is None:
+        split = split_head(model)
+        if split is None:
             raise TypeError("model has no separate decoder/output head")
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.decoder, self.logits = split
         self.window = _uses_sliding_layers(model.config)
         self.max_length = max_length
         self.row_tokens = row_tokens
@@ -163,10 +163,7 @@ class PackedScorer:
             req = [ri for ri in where]
             sel_r = torch.tensor([where[ri][0] for ri in req for _ in where[ri][1]])
             sel_t = torch.tensor([p for ri in req for p in where[ri][1]])
-            logits = self.head(hidden[sel_r.to(device), sel_t.to(device)]).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logp = F.log_softmax(logits, dim=-1)
+            logp = F.log_softmax(self.logits(hidden[sel_r.to(device), sel_t.to(device)]), dim=-1)
             targets = torch.tensor([tok for ri in req for tok in conts[ri]], device=device)
             tok_lp = logp.gather(1, targets[:, None])[:, 0].cpu()
             greedy = (logp.argmax(-1) == targets).cpu()

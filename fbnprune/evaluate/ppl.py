@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,13 +79,10 @@ def _full_nll(model: Any) -> Any:
 HEAD_CHUNK = 1024  # positions per output-head call in perplexity()
 
 
-def _chunked_nll(model: Any) -> Any:
-    """The same NLL with the output head applied ``HEAD_CHUNK`` positions at a time, or None when the model has no
-    separate decoder and head.
-
-    Why: Gemma 3's vocabulary has 262,144 entries, so one batch's full logits take 4 GiB and the loss copies them
-    twice more; in chunks, ppl@128 on 8,192 tokens took 51 s instead of 73 on 2 cores. The head (and the final
-    soft-capping, when configured) is applied exactly as the model's forward does."""
+def split_head(model: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """The model's decoder and a function from its hidden states to float logits (the output head, then the final
+    soft-capping when configured, as the model's own forward applies them), or None when the model has no
+    separate decoder and head. Scoring only the positions that need logits is what this split is for."""
     get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
     decoder = get_dec() if callable(get_dec) else None
     head = get_head() if callable(get_head) else None
@@ -92,15 +90,31 @@ def _chunked_nll(model: Any) -> Any:
         return None
     cap = getattr(model.config, "final_logit_softcapping", None)
 
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden).float()
+        return torch.tanh(out / cap) * cap if cap else out
+
+    return decoder, logits
+
+
+def _chunked_nll(model: Any) -> Any:
+    """The same NLL with the output head applied ``HEAD_CHUNK`` positions at a time, or None when the model has no
+    separate decoder and head.
+
+    Why: Gemma 3's vocabulary has 262,144 entries, so one batch's full logits take 4 GiB and the loss copies them
+    twice more; in chunks, ppl@128 on 8,192 tokens took 51 s instead of 73 on 2 cores."""
+    split = split_head(model)
+    if split is None:
+        return None
+    decoder, to_logits = split
+
     def nll(x: torch.Tensor) -> float:
-        hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[:, :-1].reshape(-1, head.in_features)
+        hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         target = x[:, 1:].reshape(-1)
         total, chunk = 0.0, HEAD_CHUNK
         for a in range(0, len(target), chunk):
-            logits = head(hidden[a : a + chunk]).float()
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-            total += float(F.cross_entropy(logits, target[a : a + chunk], reduction="sum"))
+            total += float(F.cross_entropy(to_logits(hidden[a : a + chunk]), target[a : a + chunk], reduction="sum"))
         return total
 
     return nll
