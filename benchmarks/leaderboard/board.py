@@ -239,11 +239,21 @@ def main() -> int:
         rows.sort(key=lambda r: (r["sparsity"], r["method"] != "dense", r["ppl128"]))
         meta = (dense or cells[0])["meta_info"]
         m = meta.get("machine", {})
+        # cells of one model may come from several resumed runs: name every command and the dates they span
+        commands: dict[str, int] = {}
+        for c in cells:
+            cmd = c["meta_info"].get("command", "?")
+            commands[cmd] = commands.get(cmd, 0) + 1
+        dates = sorted(str(d) for c in cells if (d := c["meta_info"].get("provenance", {}).get("date")))
+        busy = sum(bool(c["meta_info"].get("machine", {}).get("busy")) for c in cells)
         md += [f"## {model}", "",
                f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads "
                f"(load average at start {m.get('loadavg')}). "
-               f"Command: `{meta.get('command')}`. Date: {meta.get('provenance', {}).get('date')}. "
-               f"Cells measured: {len(cells)}.", ""]
+               + ("Command" if len(commands) == 1 else "Commands") + ": "
+               + "; ".join(f"`{cmd}` ({n} cell{'s' * (n != 1)})" for cmd, n in commands.items()) + ". "
+               + (f"Dates: {dates[0]} to {dates[-1]}. " if dates else "")
+               + f"Cells measured: {len(cells)}" + (f", {busy} of them while other jobs ran (timings are upper "
+                                                    "bounds)" if busy else "") + ".", ""]
         missing, n_grid = missing_cells(model, cells)
         if missing:
             md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "

@@ -105,3 +105,18 @@ def test_board_lists_bundled_cells_not_measured(board):
     listed = line.split(": ", 1)[1].rstrip(".").split(", ")
     assert listed == [n for n in grid if n != "flap-bias-30"]
     assert "Not measured yet" not in md.split("## smollm2-135m")[0]  # model "m" has no bundled grid
+
+
+def test_header_names_every_command_and_busy_cells(board):
+    d, mod = board
+    res = d / "results" / "m"
+    c = json.loads((res / "wanda_sp-30.json").read_text())
+    c["meta_info"].update(command="python run.py --cells wanda_sp-30", provenance={"date": "2026-01-02T00:00:00Z"})
+    c["meta_info"]["machine"]["busy"] = True
+    (res / "wanda_sp-30.json").write_text(json.dumps(c))
+    assert mod.main() == 0
+    header = next(ln for ln in (d / "README.md").read_text().splitlines() if ln.startswith("Machine:"))
+    # a resumed grid: both commands with their cell counts, the date seen, the cell run beside other jobs
+    assert "Commands: `python run.py` (5 cells); `python run.py --cells wanda_sp-30` (1 cell)." in header
+    assert "Dates: 2026-01-02T00:00:00Z to 2026-01-02T00:00:00Z." in header
+    assert header.endswith("Cells measured: 6, 1 of them while other jobs ran (timings are upper bounds).")
