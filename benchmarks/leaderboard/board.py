@@ -252,8 +252,9 @@ def main() -> int:
                + ("Command" if len(commands) == 1 else "Commands") + ": "
                + "; ".join(f"`{cmd}` ({n} cell{'s' * (n != 1)})" for cmd, n in commands.items()) + ". "
                + (f"Dates: {dates[0]} to {dates[-1]}. " if dates else "")
-               + f"Cells measured: {len(cells)}" + (f", {busy} of them while other jobs ran (timings are upper "
-                                                    "bounds)" if busy else "") + ".", ""]
+               + f"Cells measured: {len(cells)}" + (f", {busy} of them started with the 1-minute load average above "
+                                                    "half the cores (the run's own previous cell counts too; "
+                                                    "timings are upper bounds)" if busy else "") + ".", ""]
         missing, n_grid = missing_cells(model, cells)
         if missing:
             md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "

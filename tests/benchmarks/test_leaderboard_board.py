@@ -116,7 +116,8 @@ def test_header_names_every_command_and_busy_cells(board):
     (res / "wanda_sp-30.json").write_text(json.dumps(c))
     assert mod.main() == 0
     header = next(ln for ln in (d / "README.md").read_text().splitlines() if ln.startswith("Machine:"))
-    # a resumed grid: both commands with their cell counts, the date seen, the cell run beside other jobs
+    # a resumed grid: both commands with their cell counts, the date seen, the cell started on a loaded machine
     assert "Commands: `python run.py` (5 cells); `python run.py --cells wanda_sp-30` (1 cell)." in header
     assert "Dates: 2026-01-02T00:00:00Z to 2026-01-02T00:00:00Z." in header
-    assert header.endswith("Cells measured: 6, 1 of them while other jobs ran (timings are upper bounds).")
+    assert header.endswith("Cells measured: 6, 1 of them started with the 1-minute load average above half the "
+                           "cores (the run's own previous cell counts too; timings are upper bounds).")
