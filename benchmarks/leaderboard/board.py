@@ -12,6 +12,7 @@ import csv
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,8 @@ def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
                     color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
                     lw=2.5 if m.startswith("fbn") and "(" not in m and "+" not in m else 1.2,
                     label=m + (" (off scale)" if off else ""))
-        if top is not None:
+        if top is not None:  # a perplexity plot with a dense reference
             ax.set_ylim(0.9 * dense[metric], top)
-        if dense and metric.startswith("ppl"):
             ax.axhline(dense[metric], color="k", ls="--", lw=1, label="dense")
         if metric == "retention":
             ax.axhline(1.0, color="k", ls="--", lw=1, label="dense")
@@ -240,21 +240,19 @@ def main() -> int:
         meta = (dense or cells[0])["meta_info"]
         m = meta.get("machine", {})
         # cells of one model may come from several resumed runs: name every command and the dates they span
-        commands: dict[str, int] = {}
-        for c in cells:
-            cmd = c["meta_info"].get("command", "?")
-            commands[cmd] = commands.get(cmd, 0) + 1
+        commands = Counter(c["meta_info"].get("command", "?") for c in cells)
         dates = sorted(str(d) for c in cells if (d := c["meta_info"].get("provenance", {}).get("date")))
         busy = sum(bool(c["meta_info"].get("machine", {}).get("busy")) for c in cells)
-        md += [f"## {model}", "",
-               f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads "
-               f"(load average at start {m.get('loadavg')}). "
-               + ("Command" if len(commands) == 1 else "Commands") + ": "
-               + "; ".join(f"`{cmd}` ({n} cell{'s' * (n != 1)})" for cmd, n in commands.items()) + ". "
-               + (f"Dates: {dates[0]} to {dates[-1]}. " if dates else "")
-               + f"Cells measured: {len(cells)}" + (f", {busy} of them started with the 1-minute load average above "
-                                                    "half the cores (the run's own previous cell counts too; "
-                                                    "timings are upper bounds)" if busy else "") + ".", ""]
+        header = [f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('torch_threads')} torch threads "
+                  f"(load average at start {m.get('loadavg')}).",
+                  ("Command" if len(commands) == 1 else "Commands") + ": "
+                  + "; ".join(f"`{cmd}` ({n} cell{'s' * (n != 1)})" for cmd, n in commands.items()) + "."]
+        if dates:
+            header.append(f"Dates: {dates[0]} to {dates[-1]}.")
+        header.append(f"Cells measured: {len(cells)}" + (
+            f", {busy} of them started with the 1-minute load average above half the cores (the run's own "
+            "previous cell counts too; timings are upper bounds)." if busy else "."))
+        md += [f"## {model}", "", " ".join(header), ""]
         missing, n_grid = missing_cells(model, cells)
         if missing:
             md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "
