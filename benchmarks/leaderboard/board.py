@@ -222,7 +222,8 @@ def main() -> int:
           "gives it, now the global `refit`); `fbn(<rule>)` another fbn rule, e.g. `fbn(max_z)`, the reference's "
           "naive rule; `+<name>` a compensation other than the method's default (baselines default to none: "
           "`obs+refit` and `wanda_sp+refit` get fbn's own rebuild, `flap+bias` is FLAP as published). Every bundled "
-          "recipe of a model is a cell; cells not measured yet are absent. Earlier protocol versions, as measured: "
+          "recipe of a model is a cell; cells not measured yet are absent. Rows: grouped by sparsity, best 2,048-token "
+          "perplexity first. Earlier protocol versions, as measured: "
           + (", ".join(f"[v{v}](v{v}/README.md)" for v in range(1, int(proto["version"]))) or "none") + ".", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
           "`python benchmarks/leaderboard/board.py`.", "", *[f"- {n}" for n in proto.get("notes", [])], ""]
@@ -236,7 +237,9 @@ def main() -> int:
         dense_row = row(dense, tasks, None) if dense else None
         dense_mean = dense_row["mean_acc"] if dense_row else None
         rows = [row(c, tasks, dense_mean) for c in cells]
-        rows.sort(key=lambda r: (r["sparsity"], r["method"] != "dense", r["ppl128"]))
+        # group by the sparsity shown (global allocation lands a few neurons off the uniform fraction), then
+        # rank by the headline perplexity
+        rows.sort(key=lambda r: (round(r["sparsity"] * 100), r["method"] != "dense", r["ppl2048"], r["ppl128"]))
         meta = (dense or cells[0])["meta_info"]
         m = meta.get("machine", {})
         # cells of one model may come from several resumed runs: name every command and the dates they span

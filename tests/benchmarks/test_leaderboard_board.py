@@ -121,3 +121,21 @@ def test_header_names_every_command_and_busy_cells(board):
     assert "Dates: 2026-01-02T00:00:00Z to 2026-01-02T00:00:00Z." in header
     assert header.endswith("Cells measured: 6, 1 of them started with the 1-minute load average above half the "
                            "cores (the run's own previous cell counts too; timings are upper bounds).")
+
+
+def test_rows_grouped_by_shown_sparsity_and_ranked_by_ppl2048(board):
+    d, mod = board
+    res = d / "results" / "m"
+    # global allocation lands a few neurons off the uniform fraction: 0.2999 must still sit among the 30% rows,
+    # not before them, and ranking inside the group follows ppl@2048 even where ppl@128 disagrees
+    c = json.loads((res / "fbn-global-30.json").read_text())
+    c["run_info"]["sparsity"] = 0.2999
+    (res / "fbn-global-30.json").write_text(json.dumps(c))
+    c = json.loads((res / "obs-refit-30.json").read_text())
+    c["eval_info"]["ppl2048"]["ppl"] = 80.0  # best ppl@128 (25) but now behind fbn-global (72) and fbn+bias (76)
+    (res / "obs-refit-30.json").write_text(json.dumps(c))
+    assert mod.main() == 0
+    lines = [ln for ln in (d / "README.md").read_text().split("## m", 1)[1].splitlines() if ln.startswith("| ")]
+    table = lines[1:1 + 6]  # after the header, the first table holds dense and the five 30% cells
+    assert [ln.split(" | ")[0][2:] + "/" + ln.split(" | ")[2] for ln in table] == [
+        "dense/-", "wanda_sp/uniform", "fbn/global", "fbn+bias/uniform", "obs+refit/uniform", "fbn(max_z)/uniform"]
