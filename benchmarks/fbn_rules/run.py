@@ -129,8 +129,11 @@ def main() -> None:
     ap.add_argument("--drop-first", type=int, default=CALIB["drop_first"],
                     help="calibration positions dropped per sequence (default 1: the attention-sink position); "
                          "other values write to a '_drop<N>' results folder")
+    ap.add_argument("--calib-seed", type=int, default=CALIB["seed"],
+                    help="seed of the calibration windows (default 0); other values write to a '_seed<N>' results "
+                         "folder, to measure how much of a small margin is calibration noise")
     args = ap.parse_args()
-    calib_cfg = dict(CALIB, drop_first=args.drop_first)
+    calib_cfg = dict(CALIB, drop_first=args.drop_first, seed=args.calib_seed)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -139,7 +142,8 @@ def main() -> None:
     comps = args.compensations.split(",")
     tasks = [t for t in args.tasks.split(",") if t]
     sub = f"ppl{args.eval_tokens}" + (f"_tasks{args.limit}" if tasks else "") + \
-        (f"_drop{args.drop_first}" if args.drop_first != CALIB["drop_first"] else "")
+        (f"_drop{args.drop_first}" if args.drop_first != CALIB["drop_first"] else "") + \
+        (f"_seed{args.calib_seed}" if args.calib_seed != CALIB["seed"] else "")
     out = Path(args.out) / args.model / sub
     out.mkdir(parents=True, exist_ok=True)
     threads = os.environ.get("OMP_NUM_THREADS")
