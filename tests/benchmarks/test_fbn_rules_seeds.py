@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fbn_rules" / "summarize.py"
+from tests.benchmarks import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "fbn_rules" / "summarize.py"
 
 
 @pytest.fixture(scope="module")
 def summarize():
-    spec = importlib.util.spec_from_file_location("fbn_rules_summarize", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "fbn_rules_summarize")
 
 
 def put(d: Path, seed: int, variant: str, ppl: float, sparsity: float = 0.3) -> None:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fbn_rules" / "leaderboard_tables.py"
+from tests.benchmarks import BENCHMARKS, load_script
+
+SCRIPT = BENCHMARKS / "fbn_rules" / "leaderboard_tables.py"
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("leaderboard_tables", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "leaderboard_tables")
 
 
 def write(path: Path, rows: list[str]) -> Path:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-BOARD = Path(__file__).resolve().parents[2] / "benchmarks" / "leaderboard"
+from tests.benchmarks import BENCHMARKS, load_script
+
+BOARD = BENCHMARKS / "leaderboard"
 
 
 def cell(name, method, sparsity, accs, ppl, params, compensate="none", allocation="uniform", fbn_rule=None):
@@ -40,10 +40,7 @@ def board(tmp_path):
              cell("fbn-bias-30", "fbn", 0.3, [0.3] * 6, 95.0, 80, compensate="bias")]
     for c in cells:
         (res / f"{c['run_info']['cell']}.json").write_text(json.dumps(c))
-    spec = importlib.util.spec_from_file_location("board", d / "board.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return d, mod
+    return d, load_script(d / "board.py", "board")
 
 
 def test_summary_csv_and_markdown(board):
