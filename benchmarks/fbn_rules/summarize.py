@@ -84,15 +84,16 @@ def seed_table(model_dir: Path, base: str = "ppl8192_drop0") -> list[str]:
     # margins against fbnprune's rule where it was measured: "is fbn ahead?" is the question asked of them
     ref = next((k for k in common if k[0] == "fbn_redundancy"), common[0])
     lines += ["", f"Paired margins against `{name[common.index(ref)]}` (perplexity difference, same windows; mean ± sample standard "
-              "deviation over seeds; negative: the variant is better; and in how many seeds it was better):", "",
-              "| variant | mean | sd | better in |", "|---|---|---|---|"]
+              "deviation over seeds, standard error of the mean; negative: the variant is better; and in how many seeds "
+              "it was better):", "", "| variant | mean | sd | se | better in |", "|---|---|---|---|---|"]
     for k, n in zip(common, name, strict=True):
         if k == ref:
             continue
         diffs = [runs[s][k] - runs[s][ref] for s in seeds]
         mean = sum(diffs) / len(diffs)
         sd = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) ** 0.5
-        lines.append(f"| {n} | {mean:+.2f} | {sd:.2f} | {sum(x < 0 for x in diffs)} of {len(diffs)} |")
+        lines.append(f"| {n} | {mean:+.2f} | {sd:.2f} | {sd / len(diffs) ** 0.5:.2f} | "
+                     f"{sum(x < 0 for x in diffs)} of {len(diffs)} |")
     return lines + [""]
 
 

@@ -36,8 +36,8 @@ def test_seed_table_paired_margins(summarize, tmp_path):
     assert lines[2] == "| seed | wanda_sp 30% refit | obs 30% refit | fbn_redundancy 30% refit |"
     assert "| 1 | 43.00 | 40.50 | 41.00 |" in lines
     assert any("against `fbn_redundancy 30% refit`" in ln for ln in lines)
-    assert "| obs 30% refit | -0.50 | 0.50 | 2 of 3 |" in lines
-    assert "| wanda_sp 30% refit | +2.00 | 0.00 | 0 of 3 |" in lines
+    assert "| obs 30% refit | -0.50 | 0.50 | 0.29 | 2 of 3 |" in lines
+    assert "| wanda_sp 30% refit | +2.00 | 0.00 | 0.00 | 0 of 3 |" in lines
     assert not any("flap" in ln for ln in lines)
 
 
