@@ -75,6 +75,12 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
     }
 
 
+def shown_pct(r: dict[str, Any]) -> int:
+    """The sparsity a row is shown and grouped under, in whole per cent (global allocation lands a few neurons
+    off the uniform fraction: 0.2999 and 0.3008 are both 30 %)."""
+    return round(r["sparsity"] * 100)
+
+
 def fmt(x: Any, nd: int = 3) -> str:
     if x is None:
         return "—"
@@ -138,13 +144,13 @@ def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
 def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) -> list[str]:
     """Method x sparsity table of one metric, so every method can be read across sparsities at a glance."""
     rows = [r for r in rows if r["method"] != "dense" and r[key] is not None]
-    cols = sorted({round(r["sparsity"] * 100) for r in rows})
+    cols = sorted({shown_pct(r) for r in rows})
     if not rows:
         return []
     table: dict[str, dict[int, float]] = {}
     for r in rows:
         table.setdefault(r["method"] + ("" if r["allocation"] == "uniform" else f" ({r['allocation']})"), {})[
-            round(r["sparsity"] * 100)] = r[key]
+            shown_pct(r)] = r[key]
     best = {c: (min if low else max)(v[c] for v in table.values() if c in v) for c in cols}
     out = [f"**{title}**", "", "| method | " + " | ".join(f"{c}%" for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for name, vals in sorted(table.items()):
@@ -237,9 +243,8 @@ def main() -> int:
         dense_row = row(dense, tasks, None) if dense else None
         dense_mean = dense_row["mean_acc"] if dense_row else None
         rows = [row(c, tasks, dense_mean) for c in cells]
-        # group by the sparsity shown (global allocation lands a few neurons off the uniform fraction), then
-        # rank by the headline perplexity
-        rows.sort(key=lambda r: (round(r["sparsity"] * 100), r["method"] != "dense", r["ppl2048"], r["ppl128"]))
+        # group by the sparsity shown, then rank by the headline perplexity
+        rows.sort(key=lambda r: (shown_pct(r), r["method"] != "dense", r["ppl2048"], r["ppl128"]))
         meta = (dense or cells[0])["meta_info"]
         m = meta.get("machine", {})
         # cells of one model may come from several resumed runs: name every command and the dates they span
@@ -263,7 +268,7 @@ def main() -> int:
         head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", *tasks, "mean acc", "retention", "params"]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
-            md.append("| " + " | ".join([r["method"], f"{r['sparsity']:.0%}" if r["method"] != "dense" else "0%",
+            md.append("| " + " | ".join([r["method"], f"{shown_pct(r)}%",
                                          r["allocation"], fmt(r["ppl128"], 2), fmt(r["ppl2048"], 2),
                                          *[fmt(a) for a in r["accs"]], fmt(r["mean_acc"]), fmt(r["retention"]),
                                          fmt(r["params"])]) + " |")
