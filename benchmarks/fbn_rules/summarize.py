@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -90,8 +91,7 @@ def seed_table(model_dir: Path, base: str = "ppl8192_drop0") -> list[str]:
         if k == ref:
             continue
         diffs = [runs[s][k] - runs[s][ref] for s in seeds]
-        mean = sum(diffs) / len(diffs)
-        sd = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) ** 0.5
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
         lines.append(f"| {n} | {mean:+.2f} | {sd:.2f} | {sd / len(diffs) ** 0.5:.2f} | "
                      f"{sum(x < 0 for x in diffs)} of {len(diffs)} |")
     return lines + [""]
