@@ -12,6 +12,13 @@ from pathlib import Path
 HERE = Path(__file__).parent
 ORDER = ["random", "wanda_sp", "flap", "obs", "obs_global", "fbn_maxz", "fbn_maxz_runs4", "fbn_recurrence",
          "fbn_obs_b1", "fbn_obs_b4", "fbn_obs_z1", "fbn_alloc_p25", "fbn_alloc_m25"]
+#: column order within a sparsity: no compensation, then the cheapest to the most specialised rebuild
+COMPENSATIONS = ["none", "bias", "refit", "netrefit", "corrrefit", "anchored"]
+
+
+def comp_order(c: str) -> tuple[int, str]:
+    """A fixed place for every compensation (a set's order changes from run to run with string hashing)."""
+    return (COMPENSATIONS.index(c) if c in COMPENSATIONS else len(COMPENSATIONS), c)
 
 
 def table(d: Path) -> list[str]:
@@ -19,7 +26,7 @@ def table(d: Path) -> list[str]:
     cells = [json.loads(p.read_text()) for p in sorted(d.glob("*__*.json"))]
     if not cells:
         return []
-    cols = sorted({(c["sparsity"], c["compensate"]) for c in cells}, key=lambda x: (x[0], x[1] != "none"))
+    cols = sorted({(c["sparsity"], c["compensate"]) for c in cells}, key=lambda x: (x[0], comp_order(x[1])))
     variants = sorted({c["variant"] for c in cells}, key=lambda v: (ORDER.index(v) if v in ORDER else 99, v))
     first = cells[0]
     m = first["machine"]
@@ -74,7 +81,7 @@ def seed_table(model_dir: Path, base: str = "ppl8192_drop0") -> list[str]:
     if len(runs) < 2:
         return []
     common = sorted(set.intersection(*(set(r) for r in runs.values())),
-                    key=lambda k: (k[1], ORDER.index(k[0]) if k[0] in ORDER else 99, k[0], k[2]))
+                    key=lambda k: (k[1], ORDER.index(k[0]) if k[0] in ORDER else 99, k[0], comp_order(k[2])))
     if len(common) < 2:
         return []
     seeds = sorted(runs)

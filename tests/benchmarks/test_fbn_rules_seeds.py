@@ -45,3 +45,17 @@ def test_seed_table_needs_two_seeds(summarize, tmp_path):
     put(tmp_path / "m" / "ppl8192_drop0", 0, "fbn_redundancy", 40.0)
     put(tmp_path / "m" / "ppl8192_drop0", 0, "obs", 39.0)
     assert summarize.seed_table(tmp_path / "m") == []
+
+
+def test_table_columns_in_a_fixed_compensation_order(summarize, tmp_path):
+    # the columns came from a set ordered only by "none first", so the rest moved with the process's string hash
+    d = tmp_path / "m" / "ppl8192"
+    d.mkdir(parents=True)
+    for comp in ["corrrefit", "anchored", "refit", "bias", "none", "netrefit", "zeta"]:
+        cell = {"variant": "wanda_sp", "sparsity": 0.3, "compensate": comp, "ppl": 40.0, "command": "run.py",
+                "machine": {"platform": "p", "cpus": 2, "torch": "t", "loadavg": [0], "note": "n"},
+                "protocol": {"model": "m", "eval_tokens": 8192, "calibration": {"seed": 0, "drop_first": 1}}}
+        (d / f"wanda_sp__0.3__{comp}.json").write_text(json.dumps(cell))
+    head = next(ln for ln in summarize.table(d) if ln.startswith("| variant |"))
+    assert head == ("| variant | 30% none | 30% bias | 30% refit | 30% netrefit | 30% corrrefit | 30% anchored | "
+                    "30% zeta |")
