@@ -22,9 +22,10 @@ from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequence
 from fbnprune.collect.sources import DATA_FILES
 from fbnprune.errors import UserError
 from fbnprune.evaluate import next_token_agreement, perplexity
-from fbnprune.evaluate.ppl import token_stream
+from fbnprune.evaluate.ppl import context_ratio_warning, token_stream
 from fbnprune.export.hf import atomic_dir, export_hf
 from fbnprune.models import LoadedModel, load_model
+from fbnprune.models.feed import feed_info
 from fbnprune.paths import data_dir
 from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, make_plan, score_neurons
 from fbnprune.prune.plan import count_params
@@ -90,11 +91,12 @@ def collect_stage(r: Run) -> None:
         source = c.fallback
     r.calib = make_sequences(r.lm.tokenizer, source, n_tokens=c.n_tokens, seq_len=c.seq_len, mode=c.mode,
                              seed=c.seed, model=r.lm.model)
-    say(f"calibration: {r.calib.n_tokens} tokens from {r.calib.source} ({len(r.calib.sequences)} sequences)")
+    say(f"calibration: {r.calib.n_tokens} tokens from {r.calib.source} ({len(r.calib.sequences)} sequences"
+        f"{', each starting with <bos>' if r.calib.start else ''})")
     r.store = collect(r.lm.model, r.calib, model_info=r.lm.info, batch_size=c.batch_size,
                       keep_activations=c.keep_activations, drop_first=c.drop_first)
     r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, "rows": r.store.n_rows,
-                               "sha256": r.calib.sha256, "store": str(r.store.path)}
+                               **feed_info(r.calib.start), "sha256": r.calib.sha256, "store": str(r.store.path)}
 
 
 def discover_stage(r: Run) -> None:
@@ -206,7 +208,14 @@ def evaluate_model(r: Run, model: Any, label: str, ppl_inputs: list[tuple[Any, t
     for pc, toks in ppl_inputs:
         out = perplexity(model, toks, seq_len=pc.seq_len, batch_size=pc.batch_size, desc=f"{label} perplexity")
         res[f"ppl_{pc.source}_{pc.seq_len}"] = out
-        say(f"{label} perplexity ({pc.source}, {out['windows']} windows x {pc.seq_len} tokens): {out['ppl']:.3f}")
+        say(f"{label} perplexity ({pc.source}, {out['windows']} windows x {pc.seq_len} tokens"
+            f"{', each after <bos>' if out['bos'] else ''}): {out['ppl']:.3f}")
+    if label == "dense":
+        for source in dict.fromkeys(pc.source for pc, _ in ppl_inputs):
+            lens = {pc.seq_len: res[f"ppl_{source}_{pc.seq_len}"]["ppl"] for pc, _ in ppl_inputs if pc.source == source}
+            warning = context_ratio_warning(lens)
+            if warning:
+                r.note(f"warning: {source}: {warning}")
     if ev is not None and ev.tasks:
         from fbnprune.evaluate.harness import evaluate_tasks
 
@@ -243,6 +252,7 @@ def retention_stage(r: Run) -> None:
     held = make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed, model=r.dense)
     out = next_token_agreement(r.dense, r.lm.model, held.sequences)
     out["source"] = held.source
+    out.update(feed_info(held.start))
     r.report["results"]["pruned"]["retention"] = out
     say(f"data-free retention on {held.n_tokens} held-out tokens from {held.source}: "
         f"KL(dense||pruned) = {out['kl']:.4f} nats/token, top-1 agreement = {out['top1_agreement']:.2%}")

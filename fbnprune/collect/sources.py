@@ -10,7 +10,8 @@ A source name resolves to token sequences (1-D ``LongTensor`` each, at most ``se
 
 ``pack`` mode concatenates the text and cuts seeded random windows of ``seq_len`` tokens (the usual pruning
 calibration); ``document`` mode keeps each document as one sequence (truncated), which is what per-text ICA
-blocks need.
+blocks need. In every mode a sequence starts the way the tokenizer starts a text (:mod:`fbnprune.models.feed`):
+with ``<bos>`` for Gemma, with nothing for SmolLM2; the start tokens count towards ``seq_len``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from fbnprune.errors import UserError
+from fbnprune.models.feed import seed_token, start_tokens
 from fbnprune.paths import data_dir
 from fbnprune.registry import Registry
 
@@ -43,7 +45,9 @@ SOURCES: Registry[Callable[..., list[str]]] = Registry("text source")
 
 @dataclass
 class TokenBatch:
-    """Token sequences plus what made them (recorded in provenance and cache keys)."""
+    """Token sequences plus what made them (recorded in provenance and cache keys).
+
+    ``start`` is the tokens every sequence begins with (the tokenizer's own start of a text; may be empty)."""
 
     sequences: list[torch.Tensor]
     source: str
@@ -51,9 +55,11 @@ class TokenBatch:
     sha256: str
     n_tokens: int
     doc_ids: list[int]
+    start: list[int]
 
     @staticmethod
-    def build(seqs: list[torch.Tensor], source: str, mode: str, doc_ids: list[int] | None = None) -> TokenBatch:
+    def build(seqs: list[torch.Tensor], source: str, mode: str, doc_ids: list[int] | None = None,
+              start: list[int] | None = None) -> TokenBatch:
         h = hashlib.sha256()
         for s in seqs:
             h.update(s.to(torch.int64).numpy().tobytes())
@@ -65,6 +71,7 @@ class TokenBatch:
             sha256=h.hexdigest(),
             n_tokens=int(sum(len(s) for s in seqs)),
             doc_ids=doc_ids if doc_ids is not None else list(range(len(seqs))),
+            start=list(start or []),
         )
 
 
@@ -174,6 +181,9 @@ def make_sequences(
     """
     if n_tokens <= 0 or seq_len < 2:
         raise UserError("n_tokens must be > 0 and seq_len >= 2")
+    start = start_tokens(tokenizer)
+    if seq_len < len(start) + 2:
+        raise UserError(f"seq_len {seq_len} leaves fewer than 2 text tokens after the {len(start)} start token(s)")
     if source == "self":
         if model is None:
             raise UserError("source 'self' samples text from the model, so a model is needed")
@@ -190,14 +200,17 @@ def make_sequences(
             raise UserError(
                 f"source {source!r} has {len(ids)} tokens, fewer than the {want * seq_len} requested"
             )
+        # windows sit on a grid of seq_len text tokens whatever the start tokens, so a tokenizer that adds none
+        # gets exactly the windows it always got; with start tokens, each window's text is cut to make room
         starts = torch.randperm(n_win, generator=g)[:want].sort().values * seq_len
-        seqs = [ids[s : s + seq_len].clone() for s in starts.tolist()]
-        return TokenBatch.build(seqs, source, mode)
+        head = torch.tensor(start, dtype=torch.long)
+        seqs = [torch.cat([head, ids[s : s + seq_len - len(start)]]) for s in starts.tolist()]
+        return TokenBatch.build(seqs, source, mode, start=start)
     if mode == "document":
         seqs, docs, total = [], [], 0
         for i, t in enumerate(texts):
-            tok = tokenizer(t, add_special_tokens=True, truncation=True, max_length=seq_len, return_tensors="pt")
-            s = tok["input_ids"][0]
+            body = tokenizer(t, add_special_tokens=False)["input_ids"][: seq_len - len(start)]
+            s = torch.tensor([*start, *body], dtype=torch.long)
             if len(s) < min_doc_tokens:
                 continue
             seqs.append(s)
@@ -207,7 +220,7 @@ def make_sequences(
                 break
         if total < n_tokens:
             raise UserError(f"source {source!r} has only {total} tokens in documents of >= {min_doc_tokens} tokens")
-        return TokenBatch.build(seqs, source, mode, docs)
+        return TokenBatch.build(seqs, source, mode, docs, start=start)
     raise UserError(f"unknown sequence mode {mode!r}; choose 'pack' or 'document'")
 
 
@@ -225,18 +238,25 @@ def _tokenize_concat(tokenizer: Any, texts: list[str], limit: int | None) -> tor
 
 @torch.no_grad()
 def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, seed: int) -> TokenBatch:
-    """Sample calibration text from the model (no data needed); seeded and recorded like any other source."""
+    """Sample calibration text from the model (no data needed); seeded and recorded like any other source.
+
+    Generation starts from the tokenizer's start tokens, which the sequences keep; a tokenizer that starts a
+    text with nothing gets its end-of-text token as the seed (a document boundary, as in training), which is
+    then dropped, so the sequences start with text like every other source's."""
     from tqdm.auto import tqdm
 
     n_seq = -(-n_tokens // seq_len)
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_tokens(tokenizer)
+    prompt_ids = start or [seed_token(tokenizer)]
+    keep_from = 0 if start else 1
     device = next(model.parameters()).device
     gen_bs = 8
     seqs: list[torch.Tensor] = []
     torch.manual_seed(seed)
     for b in tqdm(range(0, n_seq, gen_bs), desc="sampling text (data-free)", unit="batch"):
         nb = min(gen_bs, n_seq - b)
-        prompt = torch.full((nb, 1), start_id, dtype=torch.long, device=device)
+        prompt = torch.tensor([prompt_ids] * nb, dtype=torch.long, device=device)
+        new = seq_len - len(prompt_ids) + keep_from
         out = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
@@ -244,9 +264,9 @@ def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, 
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=seq_len - 1,
-            min_new_tokens=seq_len - 1,
+            max_new_tokens=new,
+            min_new_tokens=new,
             pad_token_id=tokenizer.pad_token_id,
         )
-        seqs.extend(row[:seq_len].cpu() for row in out)
-    return TokenBatch.build(seqs, f"self(seed={seed})", "pack")
+        seqs.extend(row[keep_from : keep_from + seq_len].cpu() for row in out)
+    return TokenBatch.build(seqs, f"self(seed={seed})", "pack", start=start)

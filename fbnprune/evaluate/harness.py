@@ -185,8 +185,13 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, engine: str = "p
         raise UserError(f"unknown evaluation engine {engine!r}; choose one of {', '.join(ENGINES)}")
     from lm_eval.models.huggingface import HFLM
 
+    from fbnprune.models.feed import adds_bos, seed_token
+
+    # requests start the way the tokenizer starts a text, and an empty context is the same token text generated
+    # from nothing starts with (fbnprune.models.feed): said explicitly, so no lm-eval default can change it
+    feed = {"add_bos_token": adds_bos(tokenizer), "prefix_token_id": seed_token(tokenizer)}
     if engine == "hflm":
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **feed)
 
     class PackedHFLM(HFLM):
         """HFLM whose log-likelihood loop shares each context across its continuations (see module doc)."""
@@ -203,7 +208,7 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, engine: str = "p
                     self.cache_hook.add_partial("loglikelihood", r[0], ans)
             return res
 
-    return PackedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return PackedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **feed)
 
 
 # ----------------------------------------------------------------------------------------------- task runs
@@ -344,8 +349,11 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
     seconds = time.perf_counter() - t0
     import lm_eval
 
+    from fbnprune.models.feed import feed_info, start_tokens
+
     out["settings"] = {
         "engine": engine,
+        **feed_info(start_tokens(tokenizer)),
         "batch_size": batch_size,
         "num_fewshot": 0,
         "limit": limit,

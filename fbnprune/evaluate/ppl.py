@@ -5,13 +5,19 @@ consecutive non-overlapping windows of ``seq_len`` tokens (the last partial wind
 limited to the first ``max_tokens`` tokens; each window is scored independently; the loss is averaged over all
 predicted tokens (``seq_len - 1`` per window). This is the WikiText-2 protocol of LLM-Pruner/FLAP (128) and
 SliceGPT/Wanda (2048), made explicit.
+
+Each window is fed the way the tokenizer starts a text (:mod:`fbnprune.models.feed`): a tokenizer that adds
+``<bos>`` gets it in front of every window. The start tokens are context, never scored: every model scores the
+same text tokens (the 2nd to the last of each window), so a model with and one without ``<bos>`` are compared on
+the same targets, and a model that adds nothing sees exactly the windows it always saw.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,39 +26,66 @@ from tqdm.auto import tqdm
 
 from fbnprune.collect.sources import _tokenize_concat, load_texts
 from fbnprune.errors import UserError
+from fbnprune.models.feed import feed_info, start_tokens
 
 
-def token_stream(tokenizer: Any, source: str, max_tokens: int | None = None) -> torch.Tensor:
-    """The evaluation text of ``source`` as one token stream (see module docstring)."""
-    return _tokenize_concat(tokenizer, load_texts(source), limit=max_tokens)[: max_tokens or None]
+@dataclass(frozen=True)
+class TokenStream:
+    """Evaluation text as one token stream plus the tokens every window must start with (may be none)."""
+
+    ids: torch.Tensor
+    start: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def token_stream(tokenizer: Any, source: str, max_tokens: int | None = None) -> TokenStream:
+    """The evaluation text of ``source`` as one token stream, with the tokenizer's start tokens (see module doc)."""
+    ids = _tokenize_concat(tokenizer, load_texts(source), limit=max_tokens)[: max_tokens or None]
+    return TokenStream(ids, tuple(start_tokens(tokenizer)))
 
 
 @torch.no_grad()
 def perplexity(
     model: Any,
-    tokens: torch.Tensor,
+    tokens: TokenStream | torch.Tensor,
     *,
     seq_len: int = 512,
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "perplexity",
+    start: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` on ``tokens`` in non-overlapping windows of ``seq_len``.
+    """Perplexity of ``model`` on ``tokens`` in non-overlapping windows of ``seq_len`` text tokens.
 
-    Returns the perplexity and the protocol (windows, tokens scored, seq_len, stride, dtype, seconds).
+    ``tokens`` is a :class:`TokenStream` (which knows its start tokens) or a bare id tensor with ``start`` given
+    (``()`` for none): a bare tensor without it is refused, so no caller forgets how the model is fed.
+    Returns the perplexity and the protocol (windows, tokens scored, seq_len, stride, bos, dtype, seconds).
     """
-    n_win = len(tokens) // seq_len
-    nll_of = _chunked_nll(model) or _full_nll(model)
+    if isinstance(tokens, TokenStream):
+        if start is not None and tuple(start) != tokens.start:
+            raise ValueError("start given twice, and differently: the stream already carries its start tokens")
+        ids, start = tokens.ids, tokens.start
+    elif start is None:
+        raise TypeError("perplexity of a bare token tensor needs start=... (the tokenizer's start tokens, or ())")
+    else:
+        ids = tokens
+    head = torch.tensor(list(start), dtype=torch.long)
+    n_win = len(ids) // seq_len
+    nll_of = _chunked_nll(model, skip=len(head)) or _full_nll(model, skip=len(head))
     if n_win == 0:
-        raise UserError(f"perplexity needs at least {seq_len} tokens, got {len(tokens)}")
-    windows = tokens[: n_win * seq_len].view(n_win, seq_len)
+        raise UserError(f"perplexity needs at least {seq_len} tokens, got {len(ids)}")
+    windows = ids[: n_win * seq_len].view(n_win, seq_len)
+    if len(head):
+        windows = torch.cat([head.expand(n_win, -1), windows], dim=1)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     t0 = time.perf_counter()
     for b in tqdm(range(0, n_win, batch_size), desc=desc, unit="batch", disable=not progress):
         x = windows[b : b + batch_size].to(device)
         nll += nll_of(x)
-        count += x[:, 1:].numel()
+        count += x.shape[0] * (seq_len - 1)
     return {
         "ppl": math.exp(nll / count),
         "nll": nll / count,
@@ -60,18 +93,25 @@ def perplexity(
         "stride": seq_len,
         "windows": n_win,
         "tokens_scored": count,
+        **feed_info(start),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-def _full_nll(model: Any) -> Any:
+def _targets(x: torch.Tensor, skip: int) -> tuple[slice, torch.Tensor]:
+    """The positions whose outputs are scored and their targets: every text token after a window's first, so the
+    ``skip`` start tokens and the prediction of the first text token from them are context only."""
+    return slice(skip, -1), x[:, skip + 1 :]
+
+
+def _full_nll(model: Any, skip: int = 0) -> Any:
     """Summed next-token NLL of a batch from the model's own logits (any causal LM)."""
 
     def nll(x: torch.Tensor) -> float:
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                     reduction="sum"))
+        pos, target = _targets(x, skip)
+        logits = model(input_ids=x, use_cache=False).logits.float()[:, pos]
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
 
     return nll
 
@@ -97,7 +137,7 @@ def split_head(model: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor]]
     return decoder, logits
 
 
-def _chunked_nll(model: Any) -> Any:
+def _chunked_nll(model: Any, skip: int = 0) -> Any:
     """The same NLL with the output head applied ``HEAD_CHUNK`` positions at a time, or None when the model has no
     separate decoder and head.
 
@@ -109,12 +149,32 @@ def _chunked_nll(model: Any) -> Any:
     decoder, to_logits = split
 
     def nll(x: torch.Tensor) -> float:
-        hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[:, :-1]
+        pos, target = _targets(x, skip)
+        hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[:, pos]
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        target = x[:, 1:].reshape(-1)
+        target = target.reshape(-1)
         total, chunk = 0.0, HEAD_CHUNK
         for a in range(0, len(target), chunk):
             total += float(F.cross_entropy(to_logits(hidden[a : a + chunk]), target[a : a + chunk], reduction="sum"))
         return total
 
     return nll
+
+
+# A healthy causal LM gains from context, but not wildly: dense models measured here lie at ppl@128 / ppl@2048 of
+# 2-3 (SmolLM2 2.8; LLaMA-7B about 2.3 in published tables). Gemma 3 fed without its <bos> showed 14.
+PLAUSIBLE_CONTEXT_RATIO = 5.0
+
+
+def context_ratio_warning(ppl_by_len: dict[int, float]) -> str | None:
+    """A warning when a model's perplexity at its shortest windows is implausibly far above that at its longest,
+    the sign of a model fed in a way it was not trained on (a missing ``<bos>``, a broken position encoding);
+    None when fewer than two window lengths were measured or the ratio is plausible."""
+    if len(ppl_by_len) < 2:
+        return None
+    short, long = min(ppl_by_len), max(ppl_by_len)
+    ratio = ppl_by_len[short] / ppl_by_len[long]
+    if ratio <= PLAUSIBLE_CONTEXT_RATIO:
+        return None
+    return (f"dense ppl@{short} / ppl@{long} = {ratio:.1f}, above the {PLAUSIBLE_CONTEXT_RATIO:g} a healthy model "
+            f"stays under: check how text enters the model (its start tokens, its positions) before comparing")

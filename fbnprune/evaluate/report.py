@@ -73,7 +73,8 @@ def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, An
             d, p = dense_ppl[label], pruned_ppl[label]  # type: ignore[index]
             ppl_rows.append({"label": label, "dense": d["ppl"], "pruned": p["ppl"], "ratio": p["ppl"] / d["ppl"],
                              "protocol": {k: d.get(k) for k in ("seq_len", "stride", "windows", "tokens_scored",
-                                                                "dtype", "source")}})
+                                                                "bos", "dtype", "source")}})
+    warnings = _context_warnings(dense_ppl or {})
     models: dict[str, Any] = {}
     if dense_model_stats and pruned_model_stats:
         models = {"dense": dense_model_stats, "pruned": pruned_model_stats,
@@ -84,7 +85,20 @@ def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, An
             models["speedup"] = pg["tokens_per_s"] / dg["tokens_per_s"]
     return {"summary": summary, "tasks": rows, "perplexity": ppl_rows, "agreement": agreement, "models": models,
             "settings": {"dense": dense_results.get("settings"), "pruned": pruned_results.get("settings")},
-            "missing_tasks": missing, "meta": meta or {}}
+            "missing_tasks": missing, "warnings": warnings, "meta": meta or {}}
+
+
+def _context_warnings(dense_ppl: dict[str, Any]) -> list[str]:
+    """The implausible-context check of :func:`fbnprune.evaluate.ppl.context_ratio_warning`, per text source
+    (labels are ``source@seq_len``)."""
+    from fbnprune.evaluate.ppl import context_ratio_warning
+
+    by_source: dict[str, dict[int, float]] = {}
+    for label, res in dense_ppl.items():
+        source = label.rsplit("@", 1)[0]
+        by_source.setdefault(source, {})[int(res["seq_len"])] = float(res["ppl"])
+    found = ((src, context_ratio_warning(v)) for src, v in sorted(by_source.items()))
+    return [f"{src}: {w}" for src, w in found if w]
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -101,7 +115,9 @@ def _pm(x: float | None, s: float | None, nd: int = 4) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown tables (tasks, perplexity, agreement, size/speed) plus the settings that matter."""
+    """The report as Markdown tables (tasks, perplexity, agreement, size/speed) plus the settings that matter;
+    a table with nothing measured is left out."""
+    out = [f"**Warning**: {w}" for w in report.get("warnings") or []]
     lines = ["| task | metric | items | dense | pruned | retention |", "|---|---|---:|---:|---:|---:|"]
     for r in report["tasks"]:
         lines.append(f"| {r['task']} | {r['metric']} | {r['items'] if r['items'] is not None else ''} | "
@@ -110,14 +126,16 @@ def to_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines.append(f"| **mean ({s['tasks']} tasks)** | | | {_f(s['mean_dense'])} | {_f(s['mean_pruned'])} | "
                  f"**{_f(s['mean_retention'], 3)}** |")
-    out = ["\n".join(lines)]
+    if report["tasks"]:
+        out.append("\n".join(lines))
     if report.get("perplexity"):
-        pl = ["| perplexity | seq_len | windows | tokens scored | dtype | dense | pruned | ratio |",
-              "|---|---:|---:|---:|---|---:|---:|---:|"]
+        pl = ["| perplexity | seq_len | windows | tokens scored | bos | dtype | dense | pruned | ratio |",
+              "|---|---:|---:|---:|---|---|---:|---:|---:|"]
         for r in report["perplexity"]:
             pr = r["protocol"]
-            pl.append(f"| {r['label']} | {pr['seq_len']} | {pr['windows']} | {pr['tokens_scored']} | {pr['dtype']} | "
-                      f"{r['dense']:.3f} | {r['pruned']:.3f} | {r['ratio']:.3f} |")
+            bos = {True: "yes", False: "no"}.get(pr.get("bos"), "?")
+            pl.append(f"| {r['label']} | {pr['seq_len']} | {pr['windows']} | {pr['tokens_scored']} | {bos} | "
+                      f"{pr['dtype']} | {r['dense']:.3f} | {r['pruned']:.3f} | {r['ratio']:.3f} |")
         out.append("\n".join(pl))
     a = report.get("agreement")
     if a:

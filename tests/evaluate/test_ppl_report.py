@@ -26,7 +26,7 @@ def small_llama():
 
 def test_perplexity_matches_direct_computation(small_llama):
     tokens = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(3))
-    r = perplexity(small_llama, tokens, seq_len=64, batch_size=3, progress=False)
+    r = perplexity(small_llama, tokens, seq_len=64, batch_size=3, progress=False, start=())
     nll, n = 0.0, 0
     for w in range(1000 // 64):  # each non-overlapping window scored on its own; the partial tail is dropped
         x = tokens[w * 64 : (w + 1) * 64]
@@ -38,7 +38,7 @@ def test_perplexity_matches_direct_computation(small_llama):
     assert r["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
     assert (r["windows"], r["tokens_scored"], r["seq_len"], r["stride"], r["dtype"]) == (15, n, 64, 64, "float32")
     with pytest.raises(UserError, match="at least 64 tokens"):
-        perplexity(small_llama, tokens[:50], seq_len=64, progress=False)
+        perplexity(small_llama, tokens[:50], seq_len=64, progress=False, start=())
 
 
 @pytest.mark.parametrize("softcap", [None, 0.05])  # small: random logits are far inside a usual cap
@@ -55,7 +55,7 @@ def test_chunked_head_equals_the_models_own_logits(monkeypatch, softcap):
     model = Gemma3ForCausalLM(cfg).eval()
     tokens = torch.randint(0, 300, (640,), generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(ppl, "HEAD_CHUNK", 50)  # several chunks per batch, one ragged
-    got = perplexity(model, tokens, seq_len=64, batch_size=4, progress=False)
+    got = perplexity(model, tokens, seq_len=64, batch_size=4, progress=False, start=())
     whole = ppl._full_nll(model)
     windows = tokens.view(10, 64)
     ref = sum(whole(windows[i : i + 4]) for i in range(0, 10, 4))  # the same batches: 4, 4 and 2 windows
@@ -114,7 +114,7 @@ def test_retention_report_numbers_and_markdown():
                                                              "threads": 2}}
     ps = {"params": 80, "param_bytes": 320, "generation": {"tokens_per_s": 12.0}}
     ppl = {"wikitext2-test@128": {"ppl": 20.0, "seq_len": 128, "stride": 128, "windows": 3, "tokens_scored": 381,
-                                  "dtype": "float32", "source": "wikitext2-test"}}
+                                  "bos": False, "dtype": "float32", "source": "wikitext2-test"}}
     rep = retention_report(dense, pruned, ds, ps, dense_ppl=ppl,
                            pruned_ppl={"wikitext2-test@128": {**ppl["wikitext2-test@128"], "ppl": 25.0}},
                            agreement={"kl": 0.1, "top1_agreement": 0.8, "positions": 10, "source": "c4"})
@@ -131,5 +131,37 @@ def test_retention_report_numbers_and_markdown():
                                                + (rows["piqa"]["dense_stderr"] / 0.6) ** 2))
     md = to_markdown(rep)
     assert "| piqa | acc | 100 | 0.6000 ± 0.0492 | 0.5400 ± 0.0501 | 0.900 ± " in md
-    assert "**0.917**" in md and "| wikitext2-test@128 | 128 | 3 | 381 | float32 | 20.000 | 25.000 | 1.250 |" in md
+    assert "**0.917**" in md and "| wikitext2-test@128 | 128 | 3 | 381 | no | float32 | 20.000 | 25.000 | 1.250 |" in md
     assert "top-1 agreement | 0.8000" in md and "| pruned / dense | 0.800 | 0.800 | 1.200 |" in md
+
+
+def test_context_ratio_guard_flags_a_model_fed_off_its_training_distribution():
+    """Gemma 3 fed without <bos> measured 863.8 at 128 tokens against 61.8 at 2,048 (ratio 14); SmolLM2 measures
+    2.8. The guard must flag the first and pass the second, and say nothing with one window length."""
+    from fbnprune.evaluate.ppl import PLAUSIBLE_CONTEXT_RATIO, context_ratio_warning
+
+    warning = context_ratio_warning({128: 863.8, 2048: 61.8})
+    assert warning is not None and "ppl@128 / ppl@2048 = 14.0" in warning
+    assert context_ratio_warning({2048: 19.56, 128: 54.8}) is None
+    assert context_ratio_warning({128: 863.8}) is None
+    assert context_ratio_warning({128: PLAUSIBLE_CONTEXT_RATIO * 10.0, 2048: 10.0}) is None
+    assert context_ratio_warning({128: PLAUSIBLE_CONTEXT_RATIO * 10.01, 2048: 10.0}) is not None
+
+
+def _ppl(value: float, seq_len: int, source: str = "wikitext2-test") -> dict:
+    return {"ppl": value, "seq_len": seq_len, "stride": seq_len, "windows": 4, "tokens_scored": 4 * (seq_len - 1),
+            "bos": False, "dtype": "float32", "source": source}
+
+
+def test_retention_report_warns_per_source_and_leaves_out_empty_tables():
+    dense = {"wikitext2-test@128": _ppl(800.0, 128), "wikitext2-test@2048": _ppl(60.0, 2048),
+             "c4@128": _ppl(40.0, 128), "c4@2048": _ppl(20.0, 2048)}
+    pruned = {k: {**v, "ppl": v["ppl"] * 1.2} for k, v in dense.items()}
+    rep = retention_report({"tasks": {}}, {"tasks": {}}, dense_ppl=dense, pruned_ppl=pruned)
+    assert len(rep["warnings"]) == 1 and rep["warnings"][0].startswith("wikitext2-test: dense ppl@128 / ppl@2048")
+    md = to_markdown(rep)
+    assert md.startswith("**Warning**: wikitext2-test: dense ppl@128")
+    assert "| task |" not in md and "0 tasks" not in md and "| c4@2048 |" in md
+    healthy = retention_report({"tasks": {}}, {"tasks": {}}, dense_ppl={"c4@128": _ppl(40.0, 128)},
+                               pruned_ppl={"c4@128": _ppl(48.0, 128)})
+    assert healthy["warnings"] == [] and "Warning" not in to_markdown(healthy)
