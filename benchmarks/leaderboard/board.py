@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 PRIMARY = {"arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 # published baselines (any compensation); fbn's own variants and the no-network controls are not baselines
 BASELINES = ("wanda_sp", "flap", "obs", "taylor", "magnitude", "random")
-CSV_COLUMNS = ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "mean_acc", "retention", "params"]
+CSV_COLUMNS = ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "kl", "top1", "mean_acc", "retention",
+               "params"]
 
 
 def load_cells(model_dir: Path) -> list[dict[str, Any]]:
@@ -59,6 +60,8 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
     ses = [task_acc(cell, t, "_stderr") for t in tasks]
     mean_se = (sum(x * x for x in ses) ** 0.5 / len(ses)) if ses and all(x is not None for x in ses) else None
     method = method_label(ri)
+    agreement = ev.get("retention") or {}
+    dense_cell = ri["method"] == "dense"
     return {
         "cell": ri["cell"],
         "method": method,
@@ -66,12 +69,15 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
         "allocation": ri.get("allocation", "-"),
         "ppl128": ev["ppl128"]["ppl"],
         "ppl2048": ev["ppl2048"]["ppl"],
+        "kl": 0.0 if dense_cell else agreement.get("kl"),
+        "top1": 1.0 if dense_cell else agreement.get("top1_agreement"),
         "accs": accs,
         "mean_acc": mean,
         "mean_se": mean_se,
         "retention": (mean / dense_mean) if (mean is not None and dense_mean) else None,
         "params": ev["params"],
         "seconds": cell["meta_info"].get("seconds"),
+        "carried": bool(cell["meta_info"].get("carried_from")),
     }
 
 
@@ -141,7 +147,7 @@ def plots(model: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
     return files
 
 
-def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) -> list[str]:
+def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True, nd: int = 2) -> list[str]:
     """Method x sparsity table of one metric, so every method can be read across sparsities at a glance."""
     rows = [r for r in rows if r["method"] != "dense" and r[key] is not None]
     cols = sorted({shown_pct(r) for r in rows})
@@ -154,7 +160,7 @@ def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True) ->
     best = {c: (min if low else max)(v[c] for v in table.values() if c in v) for c in cols}
     out = [f"**{title}**", "", "| method | " + " | ".join(f"{c}%" for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for name, vals in sorted(table.items()):
-        cells = [("**" + fmt(vals[c], 2) + "**" if vals[c] == best[c] else fmt(vals[c], 2)) if c in vals else "-"
+        cells = [("**" + fmt(vals[c], nd) + "**" if vals[c] == best[c] else fmt(vals[c], nd)) if c in vals else "-"
                  for c in cols]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out
@@ -196,6 +202,11 @@ def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> li
             tag = "" if fbn["method"] == "fbn" else f" ({fbn['method']})"
             out.append(f"| {s:.0%} | {name} | {fmt(fbn[key], 2)}{tag} | {b['method']} | {fmt(b[key], 2)} | "
                        f"{gain:+.1%} of the increase |")
+        with_kl = [r for r in base if r["kl"] is not None]
+        if fbn["kl"] is not None and with_kl:
+            b = min(with_kl, key=lambda r: r["kl"])
+            out.append(f"| {s:.0%} | KL to dense | {fmt(fbn['kl'], 4)} | {b['method']} | {fmt(b['kl'], 4)} | "
+                       f"{1 - fbn['kl'] / b['kl']:+.1%} of the KL |")
         scored = [r for r in base if r["mean_acc"] is not None]
         if fbn["mean_acc"] is not None and scored:
             b = max(scored, key=lambda r: r["mean_acc"])
@@ -208,6 +219,26 @@ def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> li
     return out if n else []
 
 
+def retention_sentence(proto: dict[str, Any]) -> str:
+    rp = proto.get("retention")
+    if not rp:
+        return ""
+    return (f"data-free retention: KL(dense‖pruned) in nats per token and top-1 agreement with dense on "
+            f"{rp['n_tokens']:,} held-out tokens of {rp['source']} ({rp['seq_len']}-token windows, seed {rp['seed']}; "
+            "neither calibration nor evaluation text); ")
+
+
+def dense_warning(dense: dict[str, Any] | None) -> list[str]:
+    """The perplexity report's guard, applied to the board's dense row: a short/long window perplexity ratio that
+    no healthy model shows means the model is fed off its training distribution."""
+    from fbnprune.evaluate.ppl import context_ratio_warning
+
+    if dense is None:
+        return []
+    warning = context_ratio_warning({128: dense["ppl128"], 2048: dense["ppl2048"]})
+    return [f"**Warning**: {warning}.", ""] if warning else []
+
+
 def main() -> int:
     proto = yaml.safe_load((HERE / "protocol.yaml").read_text())
     tasks = proto["tasks"]
@@ -218,9 +249,12 @@ def main() -> int:
           f"{proto['calibration']['source']} (seed {proto['calibration']['seed']}"
           + (f", first {proto['calibration']['drop_first']} position(s) of each sequence left out"
              if proto["calibration"].get("drop_first") else ", every position kept, the attention sink's included")
-          + "); token perplexity on the first "
+          + "); every sequence starts the way the model's tokenizer starts a text ("
+          + proto.get("feed", "no start tokens") + "); token perplexity on the first "
           f"{proto['perplexity']['max_tokens']:,} tokens of {proto['perplexity']['source']} in non-overlapping windows of "
-          f"128 and 2048 tokens; zero-shot accuracy on a fixed seeded subset of {proto['task_subset']['items']} items "
+          f"128 and 2048 text tokens (start tokens are context, never scored); "
+          + retention_sentence(proto)
+          + f"zero-shot accuracy on a fixed seeded subset of {proto['task_subset']['items']} items "
           f"(seed {proto['task_subset']['seed']}) of each of {', '.join(tasks)} ({proto['metric']}). "
           "Retention = pruned mean accuracy / dense mean accuracy. Subsets make the accuracies noisy "
           "(standard error about 0.05 per task, 0.02 on the mean): read small differences as ties.", "",
@@ -265,19 +299,28 @@ def main() -> int:
         if missing:
             md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "
                    f"`run.py --model {model}` runs them): {', '.join(missing)}.", ""]
-        head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", *tasks, "mean acc", "retention", "params"]
+        carried = sum(r["carried"] for r in rows)
+        if carried:
+            md += [f"{carried} cells carry their perplexities and accuracies over from an archived version that fed "
+                   "this model the same token sequences (each cell's `meta_info.carried_from` names its file); "
+                   "their KL and top-1 columns were measured under this version.", ""]
+        md += dense_warning(dense_row)
+        head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", "KL", "top-1", *tasks, "mean acc", "retention",
+                "params"]
         md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             md.append("| " + " | ".join([r["method"], f"{shown_pct(r)}%",
                                          r["allocation"], fmt(r["ppl128"], 2), fmt(r["ppl2048"], 2),
+                                         fmt(r["kl"], 4), fmt(r["top1"]),
                                          *[fmt(a) for a in r["accs"]], fmt(r["mean_acc"]), fmt(r["retention"]),
                                          fmt(r["params"])]) + " |")
             csv_rows.append({"model": model, "method": r["method"], "sparsity": r["sparsity"],
                              "allocation": r["allocation"], "ppl128": r["ppl128"], "ppl2048": r["ppl2048"],
-                             "mean_acc": r["mean_acc"], "retention": 1.0 if r["method"] == "dense" else r["retention"],
-                             "params": r["params"]})
+                             "kl": r["kl"], "top1": r["top1"], "mean_acc": r["mean_acc"],
+                             "retention": 1.0 if r["method"] == "dense" else r["retention"], "params": r["params"]})
         md += ["", *head_to_head(rows, dense_row), "",
                *pivot(rows, "ppl2048", "WikiText-2 perplexity @2048 (lower is better; best per column in bold)"),
+               "", *pivot(rows, "kl", "KL(dense‖pruned) on held-out text, nats per token (lower is better)", nd=4),
                "", *pivot(rows, "mean_acc", "mean accuracy (noisy: 100 items per task)", low=False), ""]
         for f in plots(model, rows, results):
             md.append(f"![{f}](results/{f})")

@@ -9,6 +9,12 @@ compensation); their evaluate sections are replaced by ``protocol.yaml``, so eve
 way. The model is loaded once; calibration activations and networks are computed once (cached by content) and
 reused by every cell; each cell prunes a fresh copy of the dense model. One JSON per cell goes to
 ``results/<model>/<cell>.json``; finished cells are skipped, so an interrupted run resumes where it stopped.
+
+    python benchmarks/leaderboard/run.py --model smollm2-135m --carry-from v2
+
+carries the cells of an archived version over (``v2/results/<model>/``) when that version fed the model the same
+token sequences: the cell is pruned again and only what the older protocol lacked (the retention column) is
+measured; its perplexities and accuracies are the archived ones, and the cell says where they came from.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+from fbnprune.collect import make_sequences  # noqa: E402
+from fbnprune.evaluate import next_token_agreement  # noqa: E402
 from fbnprune.evaluate.ppl import perplexity, token_stream  # noqa: E402
 from fbnprune.models import LoadedModel  # noqa: E402
+from fbnprune.models.feed import feed_info  # noqa: E402
 from fbnprune.provenance import machine  # noqa: E402
 from fbnprune.recipe import bundled_recipes, load_recipe  # noqa: E402
 from fbnprune.run import Run, collect_stage, discover_stage, load, plan_stage, provenance, prune_stage, say  # noqa: E402
@@ -37,6 +46,12 @@ from fbnprune.run import Run, collect_stage, discover_stage, load, plan_stage, p
 
 def protocol() -> dict[str, Any]:
     return yaml.safe_load((HERE / "protocol.yaml").read_text())
+
+
+def retention(dense: Any, model: Any, held: Any) -> dict[str, Any]:
+    """KL(dense || pruned) and top-1 agreement on the protocol's held-out text."""
+    out = next_token_agreement(dense, model, held.sequences)
+    return {**out, "source": held.source, **feed_info(held.start), "sha256": held.sha256}
 
 
 def evaluate(model: Any, tokenizer: Any, proto: dict[str, Any], streams: dict[int, Any]) -> dict[str, Any]:
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--cells", nargs="*", default=["*"], help="glob patterns of cell names (default: all)")
+    ap.add_argument("--carry-from", metavar="VERSION",
+                    help="take perplexities and accuracies from this archived version's cells (same token sequences)")
     args = ap.parse_args(argv)
     proto = protocol()
     share_scores()
@@ -108,16 +125,32 @@ def main(argv: list[str] | None = None) -> int:
     dense_model = base.lm.model
     pp = proto["perplexity"]
     streams = {L: token_stream(base.lm.tokenizer, pp["source"], pp["max_tokens"]) for L in pp["seq_lens"]}
-    meta = {"protocol": proto, "machine": machine(), "command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
+    rp = proto["retention"]
+    held = make_sequences(base.lm.tokenizer, rp["source"], n_tokens=rp["n_tokens"], seq_len=rp["seq_len"],
+                          seed=rp["seed"])
+    assert base.calib is not None
+    meta = {"protocol": proto, "machine": machine(), "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+            "calibration": {**feed_info(base.calib.start), "sha256": base.calib.sha256,
+                            "tokens": base.calib.n_tokens}}
+    carried = HERE / args.carry_from / "results" / args.model if args.carry_from else None
+    if carried is not None and not carried.is_dir():
+        raise SystemExit(f"no archived cells at {carried}")
     if not dense_file.is_file():
         t0 = time.perf_counter()
-        res = evaluate(dense_model, base.lm.tokenizer, proto, streams)
+        old = carried / "dense.json" if carried is not None else None
+        extra: dict[str, Any] = {}
+        if old is not None and old.is_file():
+            res = json.loads(old.read_text())["eval_info"]
+            extra["carried_from"] = f"{args.carry_from}/results/{args.model}/dense.json (perplexity, tasks)"
+        else:
+            res = evaluate(dense_model, base.lm.tokenizer, proto, streams)
         from fbnprune.prune.plan import count_params
 
         res["params"] = count_params(dense_model)
         _write(dense_file, {"run_info": {"cell": "dense", "method": "dense", "sparsity": 0.0, "allocation": "-",
                                          "compensate": "none"},
-                            "eval_info": res, "meta_info": dict(meta, seconds=round(time.perf_counter() - t0, 1),
+                            "eval_info": res, "meta_info": dict(meta, **extra,
+                                                                 seconds=round(time.perf_counter() - t0, 1),
                                                                  provenance=provenance(first, base.lm.info))})
     for name in todo:
         t0 = time.perf_counter()
@@ -130,7 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         discover_stage(r)
         plan_stage(r)
         prune_stage(r)
-        res = evaluate(r.lm.model, r.lm.tokenizer, proto, streams)
+        old = carried / f"{name}.json" if carried is not None else None
+        extra: dict[str, Any] = {}
+        if old is not None and old.is_file():  # the older protocol measured the rest on the same tokens
+            res = json.loads(old.read_text())["eval_info"]
+            extra["carried_from"] = f"{args.carry_from}/results/{args.model}/{name}.json (perplexity, tasks)"
+        else:
+            res = evaluate(r.lm.model, r.lm.tokenizer, proto, streams)
+        res["retention"] = retention(dense_model, r.lm.model, held)
+        say(f"{name}: KL(dense||pruned) {res['retention']['kl']:.4f}, top-1 agreement "
+            f"{res['retention']['top1_agreement']:.2%}")
         from fbnprune.prune.plan import count_params
 
         res["params"] = count_params(r.lm.model)
@@ -141,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                          "sparsity": r.plan.sparsity, "target_sparsity": p.sparsity, "allocation": p.allocation,
                          "compensate": p.compensate, "kept_widths": r.plan.kept_widths},
             "eval_info": res,
-            "meta_info": dict(meta, seconds=round(time.perf_counter() - t0, 1), loadavg_at_end=os.getloadavg(),
-                              provenance=provenance(recipe, base.lm.info)),
+            "meta_info": dict(meta, **extra, seconds=round(time.perf_counter() - t0, 1),
+                              loadavg_at_end=os.getloadavg(), provenance=provenance(recipe, base.lm.info)),
         })
         del r, lm
     return 0

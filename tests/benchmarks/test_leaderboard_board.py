@@ -48,8 +48,8 @@ def test_summary_csv_and_markdown(board):
     assert mod.main() == 0
     with (d / "results" / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "mean_acc",
-                             "retention", "params"]
+    assert list(rows[0]) == ["model", "method", "sparsity", "allocation", "ppl128", "ppl2048", "kl", "top1",
+                             "mean_acc", "retention", "params"]
     by = {(r["method"], r["allocation"]): r for r in rows}
     assert float(by[("dense", "-")]["retention"]) == 1.0 and float(by[("dense", "-")]["sparsity"]) == 0.0
     assert float(by[("wanda_sp", "uniform")]["retention"]) == pytest.approx(0.9)
@@ -136,3 +136,36 @@ def test_rows_grouped_by_shown_sparsity_and_ranked_by_ppl2048(board):
     table = lines[1:1 + 6]  # after the header, the first table holds dense and the five 30% cells
     assert [ln.split(" | ")[0][2:] + "/" + ln.split(" | ")[2] for ln in table] == [
         "dense/-", "wanda_sp/uniform", "fbn/global", "fbn+bias/uniform", "obs+refit/uniform", "fbn(max_z)/uniform"]
+
+
+def test_retention_column_head_to_head_and_guards(board):
+    """KL and top-1 come from each cell's retention entry (dense: 0 and 1); fbn's KL is set against the best
+    baseline's; a dense row fed off its training distribution is flagged; carried-over cells are counted."""
+    d, mod = board
+    res = d / "results" / "m"
+    for name, kl, top1 in (("wanda_sp-30", 0.30, 0.70), ("obs-refit-30", 0.20, 0.75)):
+        c = json.loads((res / f"{name}.json").read_text())
+        c["eval_info"]["retention"] = {"kl": kl, "top1_agreement": top1}
+        c["meta_info"]["carried_from"] = "v2/results/m/x.json (perplexity, tasks)"
+        (res / f"{name}.json").write_text(json.dumps(c))
+    c = cell("fbn-30", "fbn", 0.3, [0.55] * 6, 22.0, 80, compensate="refit")
+    c["eval_info"]["retention"] = {"kl": 0.15, "top1_agreement": 0.8}
+    (res / "fbn-30.json").write_text(json.dumps(c))
+    assert mod.main() == 0
+    md = (d / "README.md").read_text()
+    assert "| dense | 0% | - | 20.00 | 16.00 | 0.0000 | 1.000 |" in md
+    assert "| obs+refit | 30% | uniform | 25.00 | 20.00 | 0.2000 | 0.750 |" in md
+    assert "| wanda_sp | 30% | uniform | 30.00 | 24.00 | 0.3000 | 0.700 |" in md
+    assert "| fbn-global" not in md and "| fbn | 30% | global | 90.00 | 72.00 | — | — |" in md
+    assert "| 30% | KL to dense | 0.1500 | obs+refit | 0.2000 | +25.0% of the KL |" in md
+    assert "2 cells carry their perplexities and accuracies over" in md
+    assert "**Warning**" not in md  # dense 20 / 16: plausible
+    with (d / "results" / "summary.csv").open() as f:
+        by = {r["method"]: r for r in csv.DictReader(f) if r["allocation"] == "uniform"}
+    assert float(by["fbn"]["kl"]) == pytest.approx(0.15) and float(by["obs+refit"]["top1"]) == pytest.approx(0.75)
+    dense = json.loads((res / "dense.json").read_text())
+    dense["eval_info"]["ppl128"]["ppl"] = 864.0  # Gemma 3 without its <bos>: 864 at 128 against 61.8 at 2048
+    dense["eval_info"]["ppl2048"]["ppl"] = 61.8
+    (res / "dense.json").write_text(json.dumps(dense))
+    assert mod.main() == 0
+    assert "**Warning**: dense ppl@128 / ppl@2048 = 14.0" in (d / "README.md").read_text()
