@@ -7,11 +7,17 @@ Stages (one sub-package each): ``models``/``arch`` (sources and adapters), ``col
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from fbnprune._version import __version__
+
+__all__ = ["__version__", "load_pretrained"]
 
 
 def load_pretrained(path: str, **kwargs):  # noqa: ANN201 - thin lazy re-export
-    """Load an fbnprune export (uniform or per-layer widths). See :func:`fbnprune.export.load_pretrained`."""
+    """Load an fbnprune export (uniform or per-layer widths). See :func:`fbnprune.export.load_pretrained`.
+
+    Imported on call: ``import fbnprune`` (which every submodule import runs first) stays free of torch and
+    transformers.
+    """
     from fbnprune.export import load_pretrained as _load
 
     return _load(path, **kwargs)

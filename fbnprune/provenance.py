@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from fbnprune._version import __version__
+
 
 def versions() -> dict[str, Any]:
-    import transformers
-
-    from fbnprune import __version__
+    """fbnprune, torch, transformers, lm-eval and Python versions and the git commit of the checkout."""
+    import transformers  # imported on call: loading it takes seconds, and machine() does not need it
 
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
