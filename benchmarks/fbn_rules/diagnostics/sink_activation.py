@@ -2,8 +2,8 @@
 
     python benchmarks/fbn_rules/diagnostics/sink_activation.py [MODEL ...]     # default: both built-in models
 
-For the study's calibration windows (wikitext2-valid, packed 512-token sequences, seed 0; the first position is an
-ordinary token, not BOS), per layer: the norm of the MLP output (down projection) and of its input at position 0,
+For the study's calibration windows (wikitext2-valid, packed 512-token sequences, seed 0; each starts the way the
+model's tokenizer starts a text, so position 0 is Gemma 3's <bos> and an ordinary token for SmolLM2), per layer: the norm of the MLP output (down projection) and of its input at position 0,
 divided by the median norm over the other positions, averaged over the first 4 sequences. Writes
 ``sink_activation.json`` next to this file.
 
