@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fbnprune.discover.networks import NetworkSet
+from fbnprune.discover.overview import membership_image
 
 
 def _plt():  # noqa: ANN202
@@ -26,10 +27,7 @@ def brain_map(nets: NetworkSet, path: Path, title: str, run: int = 0) -> None:
     only if it recurs at the same index in different layers, which it has no reason to: look at the density.
     """
     plt = _plt()
-    width = max(nets.widths)
-    img = np.full((nets.n_layers, width), np.nan)
-    for layer in range(nets.n_layers):
-        img[layer, : nets.widths[layer]] = nets.networks(layer, run).sum(0).numpy()
+    img = membership_image(nets, run)
     frac = [np.mean(np.nan_to_num(img[layer, : nets.widths[layer]]) > 0) for layer in range(nets.n_layers)]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 0.18 * nets.n_layers + 2.2), width_ratios=[5, 1], sharey=True)
     shown = np.where(img > 0, img, np.nan)
