@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fbnprune.discover import DiscoverConfig, run_discovery
-from fbnprune.discover import overview
+from fbnprune.discover import DiscoverConfig, overview, run_discovery
 from tests.discover.test_discovery import FAST
 
 
