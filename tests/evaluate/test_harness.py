@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fbnprune.errors import UserError
 from fbnprune.evaluate.harness import PackedScorer, evaluate_tasks
+from tests.conftest import word_tokenizer
 
 
 def _direct_ll(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
@@ -69,12 +70,13 @@ def _hflm_encode(tok, context: str, continuation: str) -> tuple[list[int], list[
     return ctx, whole[len(ctx):]
 
 
-def test_accuracy_matches_direct_computation(tiny_llama, tokenizer, data_root):
+@pytest.mark.integration
+def test_accuracy_matches_direct_computation(smol_vocab_llama, tokenizer, data_root):
     """acc / acc_norm / stderr of the harness equal a direct computation on the same items (known answers)."""
     from fbnprune.evaluate.tasks import read_docs
 
     n = 10
-    res = evaluate_tasks(tiny_llama, tokenizer, ["piqa", "arc_easy"], limit=n, batch_size=4, progress=False)
+    res = evaluate_tasks(smol_vocab_llama, tokenizer, ["piqa", "arc_easy"], limit=n, batch_size=4, progress=False)
     for task in ("piqa", "arc_easy"):
         docs = read_docs(task, data_root)[:n]
         correct, correct_norm = [], []
@@ -84,7 +86,7 @@ def test_accuracy_matches_direct_computation(tiny_llama, tokenizer, data_root):
             else:
                 ctx, choices = f"Question: {d['question']}\nAnswer:", d["choices"]["text"]
                 gold = d["choices"]["label"].index(d["answerKey"])
-            lls = [_direct_ll(tiny_llama, *_hflm_encode(tokenizer, ctx, " " + c))[0] for c in choices]
+            lls = [_direct_ll(smol_vocab_llama, *_hflm_encode(tokenizer, ctx, " " + c))[0] for c in choices]
             correct.append(max(range(len(lls)), key=lambda i: lls[i]) == gold)
             norm = [ll / len(c) for ll, c in zip(lls, choices, strict=True)]
             correct_norm.append(max(range(len(norm)), key=lambda i: norm[i]) == gold)
@@ -98,28 +100,31 @@ def test_accuracy_matches_direct_computation(tiny_llama, tokenizer, data_root):
     assert st["limit"] == n and "smoke test" in st["limit_note"] and st["engine"] == "packed"
 
 
-def test_packed_engine_equals_lm_eval_loop(tiny_llama, tokenizer, data_root):
+@pytest.mark.integration
+def test_packed_engine_equals_lm_eval_loop(smol_vocab_llama, tokenizer, data_root):
     kw = dict(limit=12, batch_size=4, progress=False)
-    a = evaluate_tasks(tiny_llama, tokenizer, ["winogrande", "copa"], engine="packed", **kw)
-    b = evaluate_tasks(tiny_llama, tokenizer, ["winogrande", "copa"], engine="hflm", **kw)
+    a = evaluate_tasks(smol_vocab_llama, tokenizer, ["winogrande", "copa"], engine="packed", **kw)
+    b = evaluate_tasks(smol_vocab_llama, tokenizer, ["winogrande", "copa"], engine="hflm", **kw)
     for t in ("winogrande", "copa"):
         assert a["tasks"][t]["acc"] == b["tasks"][t]["acc"]
 
 
-def test_blimp_group_reports_subset(tiny_llama, tokenizer, data_root):
-    r = evaluate_tasks(tiny_llama, tokenizer, ["blimp"], limit=2, batch_size=8, blimp_per_paradigm=5,
+@pytest.mark.integration
+def test_blimp_group_reports_subset(smol_vocab_llama, tokenizer, data_root):
+    r = evaluate_tasks(smol_vocab_llama, tokenizer, ["blimp"], limit=2, batch_size=8, blimp_per_paradigm=5,
                        progress=False)["tasks"]["blimp"]
     assert r["paradigms"] == 67 and r["items"] == 134 and r["subset"]["per_paradigm"] == 5
     accs = [s["acc"] for s in r["subtasks"].values()]
     assert r["acc"] == pytest.approx(sum(accs) / len(accs))  # lm-eval's group mean, not weighted by size
 
 
-def test_unknown_task_name_is_a_clear_error(tiny_llama, tokenizer):
+def test_unknown_task_name_is_a_clear_error(tiny_llama):
     with pytest.raises(UserError, match=r"unknown task 'piqaa'.*did you mean.*piqa"):
-        evaluate_tasks(tiny_llama, tokenizer, ["piqaa"], limit=1, batch_size=1)
+        evaluate_tasks(tiny_llama, word_tokenizer(), ["piqaa"], limit=1, batch_size=1)
 
 
-def test_bad_arguments(tiny_llama, tokenizer):
+def test_bad_arguments(tiny_llama):
+    tokenizer = word_tokenizer()
     with pytest.raises(UserError, match="limit"):
         evaluate_tasks(tiny_llama, tokenizer, ["copa"], limit=0, batch_size=1)
     with pytest.raises(UserError, match="engine"):

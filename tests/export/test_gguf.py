@@ -12,6 +12,7 @@ import fbnprune.export.gguf as gg
 from fbnprune.errors import UserError
 from fbnprune.export import export_hf
 from fbnprune.export.hf import read_manifest
+from tests.conftest import require_builtin
 from tests.export.helpers import INPUT, slim_model
 
 
@@ -147,10 +148,8 @@ def test_real_gemma3_slim_gguf_round_trip(tmp_path):
     from fbnprune.models import load_model
     from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
 
-    try:
-        lm = load_model("gemma3-270m")
-    except UserError as e:
-        pytest.skip(str(e))
+    require_builtin("gemma3-270m")
+    lm = load_model("gemma3-270m")
     model, adapter = lm.model, get_adapter(lm.model)
     plan = make_plan(score_neurons("magnitude", ScoreContext(model=model, adapter=adapter)), sparsity=0.3)
     apply_plan_(model, plan, mode="slice")
