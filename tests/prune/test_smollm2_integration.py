@@ -7,7 +7,6 @@ Layer 0 is protected: on SmolLM2 its MLP is where the massive activations come f
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 
@@ -18,6 +17,7 @@ from fbnprune.evaluate.ppl import token_stream
 from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
 from fbnprune.prune.gram import clear_gram_cache
+from tests.conftest import require_builtin, require_data
 
 pytestmark = pytest.mark.integration
 
@@ -26,18 +26,21 @@ pytestmark = pytest.mark.integration
 def setup(tmp_path_factory):
     from fbnprune.models import load_model
 
-    try:
-        lm = load_model("smollm2-135m")
-    except Exception as e:  # weights package not installed
-        pytest.skip(f"smollm2-135m not available: {e}")
-    try:
-        calib = make_sequences(lm.tokenizer, "wikitext2-valid", n_tokens=256, seq_len=128, seed=0)
-        toks = token_stream(lm.tokenizer, "wikitext2-test", 512)
-    except Exception as e:
-        pytest.skip(f"wikitext-2 data not available: {e}")
+    require_builtin("smollm2-135m")
+    require_data()
+    lm = load_model("smollm2-135m")
+    calib = make_sequences(lm.tokenizer, "wikitext2-valid", n_tokens=256, seq_len=128, seed=0)
+    toks = token_stream(lm.tokenizer, "wikitext2-test", 512)
     store = capture_activations(lm.model, calib, tmp_path_factory.mktemp("s") / "store", progress=False)
     dense = perplexity(lm.model, toks, seq_len=256, progress=False)["ppl"]
     return lm.model, calib, store, toks, dense
+
+
+# Measured (2-core CPU, torch 2.13): dense 21.117; pruned / dense = random 4.18, magnitude 21.96, wanda_sp 1.401,
+# flap 1.406, taylor 1.419, obs 1.475. The bounds sit about 10% above, so a data-aware scorer that picked neurons
+# no better than random pruning (4.2x), or a data-free one that got worse, fails.
+DENSE_PPL = 21.117
+MAX_RATIO = {"random": 4.6, "magnitude": 24.0, "wanda_sp": 1.55, "flap": 1.55, "taylor": 1.56, "obs": 1.62}
 
 
 @pytest.mark.parametrize("method", ["random", "magnitude", "wanda_sp", "flap", "taylor", "obs"])
@@ -61,5 +64,5 @@ def test_scorer_end_to_end_on_smollm2(setup, method):
     biases = 2 * 1536 + 576 + 29 * (2 * 1056 + 576)
     assert count_params(m) == count_params(model) - 29 * 480 * 3 * 576 + biases
     ppl = perplexity(m, toks, seq_len=256, progress=False)["ppl"]
-    bound = 1000 if method in ("random", "magnitude") else 10
-    assert math.isfinite(ppl) and dense < ppl < bound * dense
+    assert dense == pytest.approx(DENSE_PPL, rel=0.01)
+    assert dense < ppl < MAX_RATIO[method] * dense, (method, ppl / dense)
