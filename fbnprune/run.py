@@ -26,6 +26,7 @@ from fbnprune.evaluate.ppl import context_ratio_warning, token_stream
 from fbnprune.export.hf import atomic_dir, export_hf
 from fbnprune.models import LoadedModel, load_model
 from fbnprune.models.feed import feed_info
+from fbnprune.outputs import check_output_dir
 from fbnprune.paths import data_dir
 from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, make_plan, score_neurons
 from fbnprune.prune.plan import count_params
@@ -304,13 +305,16 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
 
 
 def run(
-    recipe: Recipe, output_dir: str | Path | None = None, until: str = "export", evaluate: bool = True
+    recipe: Recipe, output_dir: str | Path | None = None, until: str = "export", evaluate: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``recipe`` up to and including stage ``until``; returns the report (also written as report.json).
 
     ``until="collect"`` or ``"discover"`` only fill the caches (nothing is written to the output directory);
     ``"prune"`` writes the keep plan; ``"evaluate"`` adds the evaluation; ``"export"`` (default) does everything
-    (``evaluate=False`` skips the evaluation, for a quick export).
+    (``evaluate=False`` skips the evaluation, for a quick export). The output directory is checked before the
+    model loads (:func:`fbnprune.outputs.check_output_dir`): an earlier run's output there is replaced only with
+    ``overwrite``, so a second run cannot silently discard the first one's results.
     """
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
@@ -319,6 +323,8 @@ def run(
         stages.discard("evaluate")
     t0 = time.perf_counter()
     out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
+    if until not in ("collect", "discover"):
+        check_output_dir(out, overwrite=overwrite)
     r = load(recipe)
     r.report["recipe"] = recipe.name
     collect_stage(r)

@@ -133,14 +133,21 @@ def test_stage_commands_reuse_caches(tiny_env, tmp_path, capsys):
     assert len(before) == 2
     out = tmp_path / "p"
     assert main(["prune", str(rf), "prune.sparsity=0.5", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert nets in printed or "networks:" in printed
+    capsys.readouterr()
     assert json.loads((out / "keep_plan.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.07)
     rep = json.loads((out / "report.json").read_text())
+    assert rep["networks"]["path"] == nets  # scored with the networks the discover command cached
     assert rep["protected_layers"]["protected"] == []  # 50% of two layers: neither can stay whole (auto gives way)
     assert not (out / "model").exists()  # prune stage writes the plan, not a checkpoint
     assert any(store.endswith(c) for c in before) and any(nets.endswith(c) for c in before)
     assert cached() == before  # another sparsity: nothing new collected or discovered
+    # the same command again: refused before any compute, the first plan kept; replaced with --overwrite
+    assert main(["prune", str(rf), "prune.sparsity=0.3", "-o", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert json.loads((out / "keep_plan.json").read_text())["sparsity"] == pytest.approx(0.5, abs=0.07)
+    assert main(["prune", str(rf), "prune.sparsity=0.3", "-o", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "keep_plan.json").read_text())["sparsity"] == pytest.approx(0.3, abs=0.07)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old directory
     assert main(["export", str(rf), "-o", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e" / "model" / "config.json").is_file()
     assert "dense" not in json.loads((tmp_path / "e" / "report.json").read_text()).get("results", {})

@@ -55,19 +55,24 @@ def make_probe(model: Any, tokenizer: Any, cfg: AnalyzeConfig, tokens: Any) -> A
     return probe
 
 
-def analyze(recipe: Recipe, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run every analysis of ``recipe.analyze`` (defaults when absent); returns the report written to disk."""
+def analyze(recipe: Recipe, output_dir: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run every analysis of ``recipe.analyze`` (defaults when absent); returns the report written to disk.
+
+    The output directory is checked before the model loads, as in :func:`fbnprune.run.run`: an earlier
+    analysis there is replaced only with ``overwrite``.
+    """
     from fbnprune.discover import DiscoverConfig, run_discovery
     from fbnprune.errors import UserError
     from fbnprune.evaluate.ppl import token_stream
     from fbnprune.export.hf import atomic_dir
+    from fbnprune.outputs import check_output_dir
     from fbnprune.run import collect_stage, load, needs_data, provenance, say
 
     cfg = recipe.analyze or AnalyzeConfig()
     if recipe.collect is None or not recipe.collect.keep_activations:
         raise UserError("analyze needs stored activations: a collect section with keep_activations: true")
     t0 = time.perf_counter()
-    out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
+    out = check_output_dir(output_dir or recipe.output_dir or f"outputs/{recipe.name}", overwrite=overwrite)
     r = load(recipe)
     collect_stage(r)
     assert r.store is not None

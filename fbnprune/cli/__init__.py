@@ -16,6 +16,7 @@ EPILOG = """examples:
   python -m fbnprune recipes                          list bundled recipes
   python -m fbnprune run recipes/quickstart.yaml      run a recipe (file or bundled name)
   python -m fbnprune run quickstart prune.sparsity=0.3 output_dir=outputs/q30
+  python -m fbnprune run quickstart --overwrite       run again into the existing outputs/quickstart
   python -m fbnprune validate my.yaml                 check a recipe, report every error
   python -m fbnprune cp quickstart ./mine.yaml        copy a bundled recipe to edit
   python -m fbnprune analyze analyze-smollm2-135m    masking / keep-only / recurrence figures
@@ -24,12 +25,17 @@ EPILOG = """examples:
 """
 
 
+# A flag, not a recipe field: whether to replace the last run's results is a decision about this invocation,
+# and a recipe that carried it would replace them on every later run too.
+OVERWRITE_HELP = "replace the output directory when it holds an earlier run's output (otherwise an error)"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fbnprune.recipe import load_recipe
     from fbnprune.run import run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    report = run(recipe, output_dir=args.output, until=args.until, evaluate=args.evaluate)
+    report = run(recipe, output_dir=args.output, until=args.until, evaluate=args.evaluate, overwrite=args.overwrite)
     if args.until == "collect" and "calibration" in report:
         print(f"activations: {report['calibration']['store']}")
     if args.until == "discover" and "networks" in report:
@@ -42,7 +48,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from fbnprune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    analyze(recipe, output_dir=args.output)
+    analyze(recipe, output_dir=args.output, overwrite=args.overwrite)
     return 0
 
 
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("recipe", help="recipe file or bundled recipe name")
         r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe fields")
         r.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
+        r.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         r.set_defaults(func=_cmd_run, until="export" if verb == "run" else verb, evaluate=verb != "export")
 
     a = sub.add_parser("analyze", help="test the functional-network claims on a model (recurrence, masking, "
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("recipe", help="recipe file or bundled name (its model, collect, discover and analyze sections)")
     a.add_argument("overrides", nargs="*", metavar="key.path=value")
     a.add_argument("--output", "-o", help="output directory (default: recipe's output_dir or outputs/<name>)")
+    a.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a.set_defaults(func=_cmd_analyze)
 
     v = sub.add_parser("validate", help="validate a recipe and report every error")
