@@ -131,6 +131,10 @@ class NetworkSet:
         packed = self._t[f"net_members.{layer}"][run]
         return unpack_bits(packed, self.widths[layer])
 
+    def n_runs(self, layer: int) -> int:
+        """How many (matched) runs hold networks of ``layer``."""
+        return int(self._t[f"net_members.{layer}"].shape[0])
+
     def network_recurrence(self, layer: int) -> torch.Tensor:
         """``(runs, n_net)``: fraction of other runs in which each network recurs."""
         return self._t[f"net_recurrence.{layer}"]
