@@ -20,6 +20,7 @@ import torch
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequences
 from fbnprune.collect.sources import DATA_FILES
+from fbnprune.discover import DiscoverConfig, run_discovery
 from fbnprune.errors import UserError
 from fbnprune.evaluate import next_token_agreement, perplexity
 from fbnprune.evaluate.ppl import context_ratio_warning, token_stream
@@ -28,8 +29,9 @@ from fbnprune.models import LoadedModel, load_model
 from fbnprune.models.feed import feed_info
 from fbnprune.outputs import check_output_dir
 from fbnprune.paths import data_dir
-from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, make_plan, score_neurons
-from fbnprune.prune.plan import count_params
+from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, compensate_, make_plan, needs, score_neurons
+from fbnprune.prune.plan import count_params, params_per_neuron
+from fbnprune.prune.protect import auto_protected_layers
 from fbnprune.recipe.load import dump_recipe
 from fbnprune.recipe.schema import Recipe
 
@@ -102,12 +104,8 @@ def collect_stage(r: Run) -> None:
 
 def discover_stage(r: Run) -> None:
     p = r.recipe.prune
-    from fbnprune.prune.scorers import SCORERS, needs_networks
-
-    if not needs_networks(SCORERS.canonical(p.method), p.compensate):
+    if not needs(p.method, p.compensate, p.fbn_rule).networks:
         return
-    from fbnprune.discover import DiscoverConfig, run_discovery
-
     if r.store is None:
         raise UserError("prune.method fbn needs a collect section")
     cfg = r.recipe.discover
@@ -127,16 +125,11 @@ def plan_stage(r: Run) -> KeepPlan:
     model = r.lm.model
     sparsity = p.sparsity
     if sparsity is None:  # obs needs the neuron fraction; derive it from the parameter budget
-        from fbnprune.prune.plan import params_per_neuron
-
         total = sum(r.adapter.width(m) for m in r.adapter.mlps(model))
         sparsity = p.param_fraction * count_params(model) / params_per_neuron(model, r.adapter) / total
-    options: dict[str, Any] = {"fbn_rule": p.fbn_rule, "ridge": p.ridge, "sparsity": sparsity,
-                               "discover": r.recipe.discover or {}}
-    if r.networks is not None:
-        options["networks"] = r.networks
     ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,
-                       sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, options=options)
+                       sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, sparsity=sparsity,
+                       ridge=p.ridge, fbn_rule=p.fbn_rule, networks=r.networks, discover=r.recipe.discover)
     scores = score_neurons(p.method, ctx)
     protected = p.protected_layers
     if protected == "auto" and r.calib is None:
@@ -146,8 +139,6 @@ def plan_stage(r: Run) -> KeepPlan:
         protected = []
     auto = protected == "auto"
     if auto:
-        from fbnprune.prune.protect import auto_protected_layers
-
         assert r.calib is not None
         protected, evidence = auto_protected_layers(model, r.calib.sequences)
         r.report["protected_layers"] = evidence
@@ -175,13 +166,11 @@ def plan_stage(r: Run) -> KeepPlan:
 
 def prune_stage(r: Run) -> None:
     """Compensate (optional) and apply the plan in place; the dense copy stays for retention metrics."""
-    from fbnprune.prune.compensate import compensate_
-
     assert r.plan is not None
     p = r.recipe.prune
     before = count_params(r.lm.model)
-    kw = {"ridge": p.ridge} if p.compensate in ("refit", "netrefit", "corrrefit") else {}
-    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, **kw)
+    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, ridge=p.ridge,
+                       method=p.method, fbn_rule=p.fbn_rule)
     if comp:
         r.report["compensation"] = comp
     apply_plan_(r.lm.model, r.plan, mode=p.mode)

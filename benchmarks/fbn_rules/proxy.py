@@ -33,11 +33,11 @@ from fbnprune.arch import get_adapter
 from fbnprune.collect import collect, make_sequences
 from fbnprune.discover import DiscoverConfig, run_discovery
 from fbnprune.models import load_model
-from fbnprune.prune.fbn_variants import network_refit_weights, weighted_obs_order
-from fbnprune.prune.gram import ridge_solve
+from fbnprune.prune.refit import anchored_refit, network_refit_weights, ridge_refit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import CALIB, DISCOVER, machine  # noqa: E402
+from variants import weighted_obs_order  # noqa: E402
 
 HERE = Path(__file__).parent
 FIT_RUNS = 3  # runs4 blocks 0-2 = windows 0-11
@@ -117,22 +117,12 @@ def main() -> None:
             cands = {"none": c.clone()}
             c[:, n] = w[:, pruned] @ (gf[n, pruned] / gf[n, n])
             cands["bias"] = c
-            idx = torch.cat([keep, torch.tensor([n])])
-            for r in (1e-3, 1e-1):
-                x = ridge_solve(gf, gf[idx, :n] @ w.T, idx, r)
-                c = torch.zeros_like(cands["none"])
-                c[:, keep], c[:, n] = x[:-1].T, x[-1]
-                cands[f"refit{r:g}"] = c
-            for r in (1e-1, 1.0):  # ridge toward the original weights instead of toward zero
-                a = gf[idx][:, idx].clone()
-                lam = r * float(a.diagonal()[:-1].mean())
-                a.diagonal()[:-1] += lam
-                rhs = gf[idx, :n] @ w.T
-                rhs[:-1] += lam * w[:, keep].T
-                x = torch.linalg.solve(a, rhs)
-                c = torch.zeros_like(cands["none"])
-                c[:, keep], c[:, n] = x[:-1].T, x[-1]
-                cands[f"anchored{r:g}"] = c
+            for name, refit, ridges in (("refit", ridge_refit, (1e-3, 1e-1)),
+                                        ("anchored", anchored_refit, (1e-1, 1.0))):  # toward zero / the originals
+                for r in ridges:
+                    c = torch.zeros_like(cands["none"])
+                    c[:, keep], c[:, n] = refit(gf, w, keep, r)
+                    cands[f"{name}{r:g}"] = c
             nw, delta, _ = network_refit_weights(gf, w, keep_m, share, 1e-3)
             c = torch.zeros_like(cands["none"])
             c[:, keep], c[:, n] = nw[:, keep], delta

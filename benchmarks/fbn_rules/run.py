@@ -1,4 +1,4 @@
-"""fbn rule study (issue 9): every variant and baseline through the same engine; one JSON per cell, resumable.
+"""fbn rule study: which use of functional networks prunes best; every variant through one engine, resumable.
 
 Protocol (recorded in every cell):
 * calibration: wikitext2-valid, 8192 tokens in 16 packed random 512-token windows (seed 0), the down-projection
@@ -6,12 +6,15 @@ Protocol (recorded in every cell):
 * networks: :func:`fbnprune.discover.run_discovery` on that store (cached), configurations in ``DISCOVER``;
 * plan: sparsity = fraction of MLP neurons removed, all layers pruned, ``round_to`` 8, mask mode (same logits as
   slice); uniform widths unless the variant says ``global`` (then ``normalize: none``);
-* compensation: ``none``, ``bias``, ``refit`` (ridge 1e-3 x mean diagonal) or ``netrefit`` (the re-fit restricted to
-  functional networks, :func:`fbnprune.prune.fbn_variants.network_refit_compensation_`, with the variant's own
-  networks, else the union over "runs4"), ``corrrefit`` (its correlation control) or
-  ``anchored`` (ridge 0.1 toward the original kept columns, ``anchored_refit_compensation_``);
+* compensation (:func:`fbnprune.prune.compensate_`): ``none``, ``bias``, ``refit`` (ridge 1e-3 x mean diagonal)
+  or ``netrefit`` (the re-fit restricted to functional networks, with the variant's own networks, else the union
+  over "runs4"), ``corrrefit`` (its correlation control) or ``anchored`` (ridge 0.1 toward the original kept
+  columns);
 * perplexity: the first ``--eval-tokens`` tokens of wikitext2-test in non-overlapping 512-token windows, float32;
 * tasks (``--tasks``): fbnprune.evaluate.harness.evaluate_tasks with ``--limit`` items per task (a SUBSET).
+
+Scorers: the product's, plus the study's own (``fbn_obs``, ``fbn_alloc``, ``obs_global``) that ``variants.py``
+registers when this script imports it.
 
 Cells live in ``results/<model>/ppl<eval_tokens>[_tasks<limit>]/<variant>__<sparsity>__<compensate>.json``; a
 rerun skips finished cells, so the grid can be extended later. ``summarize.py`` builds results.md from them.
@@ -41,16 +44,13 @@ from fbnprune.discover import DiscoverConfig, run_discovery
 from fbnprune.evaluate import perplexity
 from fbnprune.evaluate.ppl import token_stream
 from fbnprune.models import load_model
-from fbnprune.prune import ScoreContext, apply_plan_, count_params, make_plan, score_neurons
-from fbnprune.prune.compensate import compensate_
-from fbnprune.prune.fbn_variants import (
-    anchored_refit_compensation_,
-    correlation_refit_compensation_,
-    network_refit_compensation_,
-)
+from fbnprune.prune import COMPENSATIONS, apply_plan_, compensate_, count_params, make_plan, score_neurons
 from fbnprune.prune.gram import set_gram_cache_size
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # variants.py sits next to this script, which also runs loaded by path (tests)
+from variants import context  # noqa: E402  (importing it registers the study's scorers)
+
 CALIB = {"source": "wikitext2-valid", "n_tokens": 8192, "seq_len": 512, "mode": "pack", "seed": 0, "drop_first": 1}
 RIDGE = 1e-3
 OBS_STEPS = 10
@@ -203,7 +203,7 @@ def main() -> None:
                 spec = VARIANTS[v]
                 t0 = time.perf_counter()
                 opts: dict[str, Any] = {"sparsity": sp, "obs_steps": OBS_STEPS, "ridge": RIDGE, "progress": False,
-                                        **spec.get("options", {})}
+                                        **spec.get("options", {})}  # context fields, the rest go to its extra
                 dkey = spec.get("discover")
                 if dkey:
                     if dkey not in nets_cache:
@@ -211,8 +211,7 @@ def main() -> None:
                     opts["networks"] = nets_cache[dkey]
                 key = (v, sp)
                 if key not in score_cache:
-                    ctx = ScoreContext(model=model, adapter=adapter, store=store, sequences=calib.sequences, seed=0,
-                                       options=opts)
+                    ctx = context(model, adapter, store=store, sequences=calib.sequences, seed=0, **opts)
                     score_cache[key] = (score_neurons(spec["scorer"], ctx), round(time.perf_counter() - t0, 1))
                 scores, score_s = score_cache[key]
                 alloc = spec.get("allocation", "uniform")
@@ -224,17 +223,11 @@ def main() -> None:
                 m = copy.deepcopy(model)
                 # netrefit / corrrefit use the variant's own networks, else the union over the runs of "runs4"
                 nkey = dkey or "runs4"
-                if cp in ("netrefit", "corrrefit") and nkey not in nets_cache:
+                rebuild_from_nets = COMPENSATIONS.get(cp).needs.networks
+                if rebuild_from_nets and nkey not in nets_cache:
                     nets_cache[nkey] = run_discovery(disc_store, DiscoverConfig(**DISCOVER[nkey]), progress=False)
-                if cp == "netrefit":  # re-fit restricted to functional networks
-                    rep = network_refit_compensation_(m, plan, store, nets_cache[nkey], ridge=RIDGE)
-                elif cp == "corrrefit":  # control: netrefit's neighbourhood sizes, neighbours by correlation
-                    rep = correlation_refit_compensation_(m, plan, store, nets_cache[nkey], ridge=RIDGE)
-                elif cp == "anchored":  # ridge toward the original kept columns (0.1 x mean diagonal)
-                    rep = anchored_refit_compensation_(m, plan, store, ridge=0.1)
-                else:
-                    rep = compensate_(m, plan, store, cp,
-                                      **({"ridge": RIDGE, "progress": False} if cp == "refit" else {}))
+                # anchored keeps its own ridge (0.1 x mean diagonal, toward the original kept columns)
+                rep = compensate_(m, plan, store, cp, networks=nets_cache.get(nkey), ridge=RIDGE, progress=False)
                 apply_plan_(m, plan, "mask")
                 res = evaluate(m, f"{v} {sp} {cp}")
                 cell = {"variant": v, "scorer": spec["scorer"], "options": spec.get("options", {}),
@@ -242,11 +235,11 @@ def main() -> None:
                         "compensate": cp, **res, "achieved_sparsity": plan.sparsity,
                         "kept_widths": plan.kept_widths, "score_seconds": score_s,
                         "seconds": round(time.perf_counter() - t1, 1),
-                        "refit_networks": DISCOVER[nkey] if cp in ("netrefit", "corrrefit") else None}
+                        "refit_networks": DISCOVER[nkey] if rebuild_from_nets else None}
                 if rep:
                     lay = list(rep["layers"].values())
                     cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
-                    if cp in ("netrefit", "corrrefit"):
+                    if rebuild_from_nets:
                         cell["netrefit_alone_fraction"] = sum(x["alone"] for x in lay) / len(lay)
                 write(cell_file, cell)
                 print(f"{v:16s} {sp:.2f} {cp:6s} ppl {res['ppl']:10.3f} ({cell['seconds']} s)", flush=True)

@@ -195,12 +195,10 @@ def main() -> None:
         key = (sc, sp if sc == "obs" else None)
         if key not in score_cache:
             ctx = ScoreContext(model=model, adapter=adapter, store=store, sequences=calib.sequences,
-                               seed=PROTOCOL["seed"],
-                               options={"sparsity": sp, "obs_steps": PROTOCOL["obs_steps"],
-                                        "ridge": PROTOCOL["refit_ridge"],
-                                        "taylor_variant": PROTOCOL["taylor"]["variant"],
-                                        "taylor_max_sequences": PROTOCOL["taylor"]["max_sequences"],
-                                        "taylor_batch_size": PROTOCOL["taylor"]["batch_size"]})
+                               seed=PROTOCOL["seed"], sparsity=sp, obs_steps=PROTOCOL["obs_steps"],
+                               ridge=PROTOCOL["refit_ridge"], taylor_variant=PROTOCOL["taylor"]["variant"],
+                               taylor_max_sequences=PROTOCOL["taylor"]["max_sequences"],
+                               taylor_batch_size=PROTOCOL["taylor"]["batch_size"])
             score_cache[key] = (score_neurons(sc, ctx), round(time.perf_counter() - t0, 1))
         scores, score_s = score_cache[key]
         pc = PROTOCOL["plan"]
@@ -208,8 +206,7 @@ def main() -> None:
                          protected=pc["protected"], min_width=pc["min_width"], round_to=pc["round_to"])
         t1 = time.perf_counter()
         m = copy.deepcopy(model)
-        rep = compensate_(m, plan, store, cp, **({"ridge": PROTOCOL["refit_ridge"], "progress": False}
-                                                 if cp == "refit" else {}))
+        rep = compensate_(m, plan, store, cp, ridge=PROTOCOL["refit_ridge"], progress=False)
         apply_plan_(m, plan, pc["mode"])
         r = perplexity(m, toks, seq_len=e["seq_len"], batch_size=e["batch_size"], desc=f"{sc} {sp} {cp}",
                        progress=False)

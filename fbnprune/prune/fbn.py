@@ -1,6 +1,6 @@
 """The ``fbn`` scorer: prune with functional networks (arXiv 2508.05239, method notes §3).
 
-Scores (higher = keep), chosen by ``ctx.options["fbn_rule"]``:
+Scores (higher = keep), by the rule registered in :data:`FBN_RULES` that ``ctx.fbn_rule`` names:
 
 * ``redundancy`` (default): remove the neurons their own networks can rebuild: ``||W_p||^2`` times the variance of
   ``h_p`` left after a least-squares fit on the kept members of its networks (:mod:`fbnprune.prune.redundancy`).
@@ -14,9 +14,9 @@ Scores (higher = keep), chosen by ``ctx.options["fbn_rule"]``:
 * ``max_z_x_recurrence``: ``max_z * recurrence`` (members in many runs with strong loadings first; neurons that
   are never members are ordered by ``max_z``).
 
-Networks come from ``ctx.options["networks"]`` (a :class:`NetworkSet`) when given, else from
-:func:`fbnprune.discover.run_discovery` on ``ctx.store`` with ``DiscoverConfig(**ctx.options.get("discover", {}))``
-(cached, so a second call is free).
+Networks come from ``ctx.networks`` (a :class:`NetworkSet` or its directory) when given, else from
+:func:`fbnprune.discover.run_discovery` on ``ctx.store`` with the ``ctx.discover`` settings (cached, so a second
+call is free); see :func:`fbnprune.prune.networks.scoring_networks`.
 
 Example recipe::
 
@@ -26,54 +26,47 @@ Example recipe::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from pydantic import ValidationError
 
-from fbnprune.errors import UserError
-from fbnprune.prune.scorers import SCORERS, ScoreContext
+from fbnprune.discover import NetworkSet
+from fbnprune.prune.networks import scoring_networks
+from fbnprune.prune.redundancy import redundancy_scores
+from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
+from fbnprune.registry import Registry
 
-RULES = ("redundancy", "max_z", "recurrence", "max_z_x_recurrence")
+FbnRule = Callable[[ScoreContext, NetworkSet], list[torch.Tensor]]
+#: how the fbn scorer turns networks into neuron scores; the recipe's ``prune.fbn_rule`` choices
+FBN_RULES: Registry[FbnRule] = Registry("fbn_rule")
 DEFAULT_RULE = "redundancy"
 
 
-def _networks(ctx: ScoreContext):  # -> NetworkSet (imported lazily: discover imports collect, not prune)
-    from fbnprune.discover import DiscoverConfig, NetworkSet, run_discovery
-
-    nets = ctx.options.get("networks")
-    if nets is not None:
-        if not isinstance(nets, NetworkSet):
-            nets = NetworkSet.load(nets)
-        return nets
-    store = ctx.require_store("fbn")
-    opts = ctx.options.get("discover", {}) or {}
-    try:
-        cfg = opts if isinstance(opts, DiscoverConfig) else DiscoverConfig(**dict(opts))
-    except ValidationError as e:
-        msgs = "; ".join(f"discover.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise UserError(f"invalid discover options: {msgs}") from None
-    return run_discovery(store, cfg, progress=bool(ctx.options.get("progress", True)))
-
-
-@SCORERS.register("fbn")
+@register_scorer("fbn", needs=Needs(calibration=True, activations=True, networks=True))
 def fbn_scores(ctx: ScoreContext) -> list[torch.Tensor]:
-    rule = ctx.options.get("fbn_rule", DEFAULT_RULE)
-    if rule not in RULES:
-        raise UserError(f"unknown fbn_rule {rule!r}; choose one of {', '.join(RULES)}")
-    nets = _networks(ctx)
-    widths = [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]
-    if nets.widths != widths:
-        raise UserError(f"networks at {nets.path} were found for layer widths {nets.widths}, the model has {widths}")
-    if rule == "redundancy":
-        from fbnprune.prune.redundancy import redundancy_scores
+    rule = FBN_RULES.get(ctx.fbn_rule or DEFAULT_RULE)  # an unknown rule fails before any discovery
+    return rule(ctx, scoring_networks(ctx, "fbn"))
 
-        return redundancy_scores(ctx, nets)
+
+@FBN_RULES.register("redundancy")
+def _redundancy(ctx: ScoreContext, nets: NetworkSet) -> list[torch.Tensor]:
+    return redundancy_scores(ctx, nets)
+
+
+@FBN_RULES.register("max_z")
+def _max_z(ctx: ScoreContext, nets: NetworkSet) -> list[torch.Tensor]:
+    return [s.double() for s in nets.scores]
+
+
+@FBN_RULES.register("recurrence")
+def _recurrence(ctx: ScoreContext, nets: NetworkSet) -> list[torch.Tensor]:
     out = []
     for s, r in zip(nets.scores, nets.recurrence, strict=True):
         s, r = s.double(), r.double()
-        if rule == "max_z":
-            out.append(s)
-        elif rule == "recurrence":
-            out.append(r + 1e-6 * s / s.max().clamp_min(1e-12))  # recurrence first, max |z| breaks ties
-        else:
-            out.append(s * r + 1e-6 * s)
+        out.append(r + 1e-6 * s / s.max().clamp_min(1e-12))  # recurrence first, max |z| breaks ties
     return out
+
+
+@FBN_RULES.register("max_z_x_recurrence")
+def _max_z_x_recurrence(ctx: ScoreContext, nets: NetworkSet) -> list[torch.Tensor]:
+    return [s.double() * r.double() + 1e-6 * s.double() for s, r in zip(nets.scores, nets.recurrence, strict=True)]

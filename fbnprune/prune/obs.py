@@ -10,8 +10,9 @@ re-fit this scorer assumes.
 The scores encode the elimination order (earlier = lower) with the removal cost as magnitude (a running maximum,
 strictly increasing), so any plan that removes a prefix of the order removes exactly what the rounds removed.
 
-Options: ``sparsity`` (how far to eliminate; the plan's target - the lead passes it; default 0.5),
-``obs_steps`` (10), ``ridge`` (1e-3, relative damping as in compensation).
+Settings (:class:`~fbnprune.prune.scorers.ScoreContext` fields): ``sparsity`` (how far to eliminate: the plan's
+target, which the pipeline passes; default 0.5), ``obs_steps`` (10), ``ridge`` (1e-3, relative damping as in
+compensation).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from fbnprune.collect.store import ActivationStore
 from fbnprune.errors import UserError
 from fbnprune.prune.gram import augmented_gram
-from fbnprune.prune.scorers import SCORERS, ScoreContext
+from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def obs_order(g: torch.Tensor, w: torch.Tensor, n_keep: int, steps: int = 10, ri
     """Scores for one layer: ``g`` augmented Gram ``(n+1, n+1)``, ``w`` down weight ``(d, n)`` (float64).
 
     ``weight`` (>= 0, one per neuron; None = all 1) multiplies each neuron's removal cost, so a caller can
-    protect or expose neurons (the fbn study's recurrence-weighted OBS).
+    protect or expose neurons (the recurrence-weighted OBS of the study in ``benchmarks/fbn_rules``).
     """
     n = w.shape[1]
     if weight is not None:
@@ -106,7 +107,7 @@ def elimination_scores(n: int, n_keep: int, steps: int, costs: Callable[[torch.T
     return score
 
 
-def checked_store(ctx: ScoreContext, name: str) -> Any:
+def checked_store(ctx: ScoreContext, name: str) -> ActivationStore:
     """The activation store, after checking that it was captured from a model of these layer widths."""
     store = ctx.require_store(name)
     if store.widths != [ctx.adapter.width(m) for m in ctx.adapter.mlps(ctx.model)]:
@@ -114,33 +115,34 @@ def checked_store(ctx: ScoreContext, name: str) -> Any:
     return store
 
 
-def elimination_options(ctx: ScoreContext, name: str, steps_key: str = "obs_steps", default_steps: int = 10,
+def elimination_options(ctx: ScoreContext, name: str, steps: int, steps_name: str,
                         default_sparsity: float | None = None) -> tuple[float, int, float]:
-    """(sparsity, steps, ridge) of an elimination scorer: it eliminates down to the plan's own target, so a
-    missing target is an error unless the scorer has a documented fallback (``default_sparsity``)."""
-    sparsity = ctx.options.get("sparsity")
+    """Checked (sparsity, steps, ridge) of an elimination scorer (``steps``: its rounds, the context field
+    ``steps_name``): it eliminates down to the plan's own target, so a missing target is an error unless the
+    scorer has a documented fallback (``default_sparsity``)."""
+    sparsity = ctx.sparsity
     if sparsity is None:
         if default_sparsity is None:
-            raise UserError(f"scorer {name!r} needs the plan's target in options['sparsity']")
-        log.warning("%s scorer: no target sparsity in options; eliminating down to %.0f%% of each layer",
+            raise UserError(f"scorer {name!r} needs the plan's target (ScoreContext.sparsity)")
+        log.warning("%s scorer: no target sparsity given; eliminating down to %.0f%% of each layer",
                     name, 100 * (1 - default_sparsity))
         sparsity = default_sparsity
     sparsity = float(sparsity)
-    steps = int(ctx.options.get(steps_key, default_steps))
-    ridge = float(ctx.options.get("ridge", 1e-3))
+    steps = int(steps)
+    ridge = float(ctx.ridge)
     if not 0.0 <= sparsity < 1.0 or steps < 1 or ridge < 0:
-        raise UserError(f"{name}: need 0 <= sparsity < 1, {steps_key} >= 1 and ridge >= 0 "
-                        f"(got sparsity {sparsity}, {steps_key} {steps}, ridge {ridge})")
+        raise UserError(f"{name}: need 0 <= sparsity < 1, {steps_name} >= 1 and ridge >= 0 "
+                        f"(got sparsity {sparsity}, {steps_name} {steps}, ridge {ridge})")
     return sparsity, steps, ridge
 
 
-@SCORERS.register("obs")
+@register_scorer("obs", needs=Needs(calibration=True, activations=True))
 def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """Iterative OBS elimination per layer, from the stored activations' Gram matrices."""
     store = checked_store(ctx, "obs")
-    sparsity, steps, ridge = elimination_options(ctx, "obs", default_sparsity=0.5)
+    sparsity, steps, ridge = elimination_options(ctx, "obs", ctx.obs_steps, "obs_steps", default_sparsity=0.5)
     out = []
-    for i, m in enumerate(tqdm(ctx.adapter.mlps(ctx.model), desc="obs scoring", unit="layer")):
+    for i, m in enumerate(tqdm(ctx.adapter.mlps(ctx.model), desc="obs scoring", unit="layer", disable=not ctx.progress)):
         w = ctx.adapter.down_weight(m).detach().double().cpu()
         n = w.shape[1]
         out.append(obs_order(augmented_gram(store, i), w, round(n * (1 - sparsity)), steps, ridge))

@@ -10,9 +10,10 @@ A neuron in no network keeps only the constant, so its cost is ``||W_p||^2 Var(h
 So this rule is FLAP with the variance measured after the network has explained what it can, and it asks the
 question the pruning study ended on (docs/fbn-study.md): not "which neurons matter" but "which neurons can the
 rest absorb". ``netrefit`` is the rebuild the cost describes exactly; the rebuild that measured best after this
-selection is the global ``refit`` once the calibration keeps the attention-sink position (before that,
-``corrrefit``), so that is what ``compensate: auto`` pairs it with (docs/fbn-study.md, session 6). Neighbourhoods shrink as neurons go, so the costs are recomputed in ``steps`` rounds
-on the survivors (as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
+selection is the global ``refit`` once the calibration keeps the attention-sink position (without it,
+``corrrefit`` looked better), so that is what ``compensate: auto`` pairs it with (docs/fbn-study.md).
+Neighbourhoods shrink as neurons go, so the costs are recomputed in ``redundancy_steps`` rounds on the survivors
+(as ``obs`` does; :func:`fbnprune.prune.obs.elimination_scores`).
 
 ``corr_redundancy`` is its control without networks: each neuron gets as many neighbours as its networks would
 give it, but the most correlated ones (as ``corrrefit`` does for the compensation); ``auto`` pairs it with ``refit``.
@@ -24,14 +25,15 @@ FLAP and Wanda-sp also do.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from fbnprune.discover import NetworkSet
 from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
+from fbnprune.prune.networks import network_neighbourhoods, scoring_networks
 from fbnprune.prune.obs import checked_store, elimination_options, elimination_scores
-from fbnprune.prune.scorers import SCORERS, ScoreContext
+from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
 
 Neighbours = Callable[[torch.Tensor], torch.Tensor]  # alive mask (N,) -> boolean (N, N), row p = neighbours of p
 
@@ -139,18 +141,15 @@ def correlation_like(g: torch.Tensor, share: torch.Tensor) -> Neighbours:
     return neighbours
 
 
-def redundancy_scores(ctx: ScoreContext, nets: Any, control: bool = False) -> list[torch.Tensor]:
+def redundancy_scores(ctx: ScoreContext, nets: NetworkSet, control: bool = False) -> list[torch.Tensor]:
     """Per-layer redundancy scores from the stored activations and the networks (``control``: correlation
     neighbourhoods of the same sizes)."""
-    from fbnprune.prune.fbn_variants import network_neighbourhoods
-
     name = "corr_redundancy" if control else "fbn (redundancy)"
     store = checked_store(ctx, name)
     mlps = ctx.adapter.mlps(ctx.model)
-    sparsity, steps, ridge = elimination_options(ctx, name, "redundancy_steps", 4)
+    sparsity, steps, ridge = elimination_options(ctx, name, ctx.redundancy_steps, "redundancy_steps")
     out = []
-    for i, m in enumerate(tqdm(mlps, desc=f"{name} scoring", unit="layer",
-                               disable=not ctx.options.get("progress", True))):
+    for i, m in enumerate(tqdm(mlps, desc=f"{name} scoring", unit="layer", disable=not ctx.progress)):
         w = ctx.adapter.down_weight(m).detach().double().cpu()
         g = augmented_gram(store, i)
         share = network_neighbourhoods(nets, i)
@@ -159,9 +158,7 @@ def redundancy_scores(ctx: ScoreContext, nets: Any, control: bool = False) -> li
     return out
 
 
-@SCORERS.register("corr_redundancy")
+@register_scorer("corr_redundancy", needs=Needs(calibration=True, activations=True, networks=True))
 def corr_redundancy_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """Control for the fbn ``redundancy`` rule: neighbours by activation correlation (sizes from the networks)."""
-    from fbnprune.prune.fbn import _networks
-
-    return redundancy_scores(ctx, _networks(ctx), control=True)
+    return redundancy_scores(ctx, scoring_networks(ctx, "corr_redundancy"), control=True)

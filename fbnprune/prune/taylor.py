@@ -10,8 +10,8 @@ A neuron's group is its input rows (gate and up, or ``c_fc``), their biases, and
 Gradients are summed over calibration batches (mean token loss per batch). Only MLP weights get gradients, so
 embeddings and attention are not doubled in memory.
 
-Options (``ScoreContext.options``): ``taylor_variant``, ``taylor_max_sequences`` (default 16),
-``taylor_batch_size`` (default 2).
+Settings (:class:`~fbnprune.prune.scorers.ScoreContext` fields): ``taylor_variant``, ``taylor_max_sequences``
+(default 16), ``taylor_batch_size`` (default 2).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from fbnprune.arch.base import MLPAdapter
 from fbnprune.errors import UserError
-from fbnprune.prune.scorers import SCORERS, ScoreContext
+from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
 
 VARIANTS = ("param_first", "vector")
 
@@ -62,16 +62,16 @@ def per_neuron_sum(adapter: MLPAdapter, mlp: nn.Module, elem: Callable[[torch.Te
     return total
 
 
-@SCORERS.register("taylor")
+@register_scorer("taylor", needs=Needs(calibration=True))
 def taylor_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """LLM-Pruner-style first-order Taylor importance from gradients on the calibration sequences."""
-    variant = ctx.options.get("taylor_variant", "param_first")
+    variant = ctx.taylor_variant
     if variant not in VARIANTS:
         raise UserError(f"unknown taylor_variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if not ctx.sequences:
         raise UserError("scorer 'taylor' needs calibration sequences (a collect stage) to compute gradients")
-    n_max = int(ctx.options.get("taylor_max_sequences", 16))
-    bs = int(ctx.options.get("taylor_batch_size", 2))
+    n_max = int(ctx.taylor_max_sequences)
+    bs = int(ctx.taylor_batch_size)
     seqs = list(ctx.sequences[:n_max])
     model: Any = ctx.model
     mlps = ctx.adapter.mlps(model)
@@ -86,7 +86,7 @@ def taylor_scores(ctx: ScoreContext) -> list[torch.Tensor]:
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for b in tqdm(range(0, len(seqs), bs), desc="taylor gradients", unit="batch"):
+            for b in tqdm(range(0, len(seqs), bs), desc="taylor gradients", unit="batch", disable=not ctx.progress):
                 chunk = seqs[b : b + bs]
                 n = min(len(s) for s in chunk)
                 x = torch.stack([s[:n] for s in chunk]).to(device)

@@ -16,9 +16,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fbnprune.discover.config import DiscoverConfig
+from fbnprune.errors import UserError
+from fbnprune.prune import COMPENSATIONS, DEFAULT_RULE, FBN_RULES, SCORERS, default_compensation, needs
+from fbnprune.registry import Registry
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def registered(registry: Registry, name: str) -> str:
+    """``name`` if ``registry`` knows it (or an alias of it), else a one-line error listing what it knows.
+
+    The choices of ``prune.method``, ``prune.fbn_rule`` and ``prune.compensate`` are the registries' entries, so a
+    scorer, rule or compensation registered in its module is a valid recipe choice without touching this file.
+    """
+    try:
+        registry.canonical(name)
+    except UserError as e:  # pydantic collects ValueErrors, so all errors are reported together
+        raise ValueError(str(e)) from None
+    return name
 
 
 class ModelConfig(Strict):
@@ -45,10 +63,10 @@ class CollectConfig(Strict):
 
 
 class PruneConfig(Strict):
-    method: str = "wanda_sp"
-    fbn_rule: Literal["redundancy", "max_z", "recurrence", "max_z_x_recurrence"] = Field(
-        "redundancy", description="how the fbn method turns networks into neuron scores: redundancy (default) "
-        "removes what the networks can rebuild; max_z is the naive rule"
+    method: str = Field("wanda_sp", description="a registered scorer (fbnprune.prune.SCORERS)")
+    fbn_rule: str = Field(
+        DEFAULT_RULE, description="how the fbn method turns networks into neuron scores (fbnprune.prune.FBN_RULES): "
+        "redundancy (default) removes what the networks can rebuild; max_z is the naive rule"
     )
     sparsity: float | None = Field(0.2, ge=0.0, lt=1.0, description="fraction of MLP neurons removed")
     param_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="or: fraction of all parameters")
@@ -60,35 +78,37 @@ class PruneConfig(Strict):
     )
     min_width: int = Field(8, ge=1)
     round_to: int = Field(8, ge=1)
-    compensate: Literal["auto", "none", "bias", "refit", "anchored", "netrefit", "corrrefit"] = Field(
+    compensate: str = Field(
         "auto",
-        description="auto (default): refit for fbn's redundancy rule and for corr_redundancy, else none; "
+        description="a registered compensation (fbnprune.prune.COMPENSATIONS). "
+        "auto (default): refit for fbn's redundancy rule and for corr_redundancy, else none; "
         "bias: FLAP mean compensation; refit: ridge least-squares re-fit of kept columns + bias; "
         "anchored: re-fit shrunk toward the original columns; netrefit: each pruned neuron rebuilt from the kept "
         "members of its functional networks; corrrefit: the same with neighbours by activation correlation "
         "(the control); see docs/fbn-study.md",
     )
-    ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit compensation")
+    ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit, netrefit and corrrefit "
+                         "compensations and of the obs / redundancy eliminations (anchored has its own, 0.1)")
     seed: int = 0
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from fbnprune.errors import UserError
-        from fbnprune.prune.scorers import SCORERS
+        return registered(SCORERS, v)
 
-        try:
-            SCORERS.canonical(v)
-        except UserError as e:  # pydantic collects ValueErrors, so all errors are reported together
-            raise ValueError(str(e)) from None
-        return v
+    @field_validator("fbn_rule")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        return registered(FBN_RULES, v)
+
+    @field_validator("compensate")
+    @classmethod
+    def _known_compensation(cls, v: str) -> str:
+        return registered(COMPENSATIONS, v)
 
     @model_validator(mode="after")
     def _one_budget(self) -> PruneConfig:
         if self.compensate == "auto":  # resolved here, so the saved recipe says what was done
-            from fbnprune.prune.compensate import default_compensation
-            from fbnprune.prune.scorers import SCORERS
-
             self.__dict__["compensate"] = default_compensation(SCORERS.canonical(self.method), self.fbn_rule)
         if self.param_fraction is not None and "sparsity" not in self.model_fields_set:
             self.__dict__["sparsity"] = None
@@ -135,9 +155,6 @@ class ExportConfig(Strict):
     gguf: Literal["f16", "f32"] | None = Field(None, description="also write model-<dtype>.gguf (uniform Llama / Gemma 3)")
     push_to_hub: str | None = Field(None, description="Hub repo id; uploaded after the run (needs network)")
     private: bool = True
-
-
-from fbnprune.discover.config import DiscoverConfig  # noqa: E402  (a stage section like the others)
 
 
 class AnalyzeConfig(Strict):
@@ -193,20 +210,19 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _cross_stage(self) -> Recipe:
-        from fbnprune.prune.scorers import SCORERS, needs_networks
-
-        method = SCORERS.canonical(self.prune.method)
-        if method in ("wanda_sp", "flap", "fbn", "obs", "taylor", "corr_redundancy") and self.collect is None:
-            raise ValueError(f"prune.method {self.prune.method!r} needs calibration data: add a collect section")
-        if self.prune.compensate != "none" and self.collect is None:
-            raise ValueError(f"prune.compensate {self.prune.compensate!r} needs calibration statistics: add a collect section")
+        p = self.prune
+        scorer, compensation = SCORERS.get(p.method).needs, COMPENSATIONS.get(p.compensate).needs
+        if scorer.calibration and self.collect is None:
+            raise ValueError(f"prune.method {p.method!r} needs calibration data: add a collect section")
+        if compensation.calibration and self.collect is None:
+            raise ValueError(f"prune.compensate {p.compensate!r} needs calibration statistics: add a collect section")
         if self.collect is not None and not self.collect.keep_activations:
-            if method in ("fbn", "obs", "corr_redundancy") or self.prune.compensate not in ("none", "bias"):
+            if scorer.activations or compensation.activations:
                 raise ValueError(
-                    f"prune.method {self.prune.method!r} / compensate {self.prune.compensate!r} need stored "
+                    f"prune.method {p.method!r} / compensate {p.compensate!r} need stored "
                     "activations: set collect.keep_activations: true"
                 )
-        uses_networks = needs_networks(method, self.prune.compensate)
+        uses_networks = needs(p.method, p.compensate, p.fbn_rule).networks
         if self.discover is not None and not uses_networks and self.analyze is None:
             raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit and analyze")
         if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None

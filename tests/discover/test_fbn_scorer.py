@@ -24,13 +24,12 @@ def ctx(tmp_path, monkeypatch):
     seqs = [torch.randint(0, 256, (65,), generator=g) for _ in range(8)]
     batch = TokenBatch.build(seqs, "synthetic", "document", list(range(8)))
     store = capture_activations(model, batch, tmp_path / "store", progress=False)
-    return ScoreContext(model=model, adapter=get_adapter(model), store=store,
-                        options={"discover": DISC, "progress": False})
+    return ScoreContext(model=model, adapter=get_adapter(model), store=store, discover=DISC, progress=False)
 
 
 def test_fbn_is_registered_and_scores_every_neuron(ctx):
     assert "fbn" in SCORERS._items
-    ctx.options["fbn_rule"] = "max_z"  # the naive rule: the networks' own max |z| scores
+    ctx.fbn_rule = "max_z"  # the naive rule: the networks' own max |z| scores
     scores = score_neurons("fbn", ctx)
     assert [s.shape for s in scores] == [(128,), (128,)]
     nets = run_discovery(ctx.store, DiscoverConfig(**DISC), progress=False)  # cached: same result
@@ -40,21 +39,21 @@ def test_fbn_is_registered_and_scores_every_neuron(ctx):
 
 def test_rules_and_given_network_set(ctx):
     nets = run_discovery(ctx.store, DiscoverConfig(**DISC), progress=False)
-    ctx.options = {"networks": nets, "fbn_rule": "recurrence"}
+    ctx.networks, ctx.fbn_rule = nets, "recurrence"
     rec = score_neurons("fbn", ctx)
     for r, ref in zip(rec, nets.recurrence, strict=True):
         assert torch.allclose(r, ref.double(), atol=1e-5)
         members = ref > 0
         assert r[members].min() > r[~members].max() if bool(members.any()) and bool((~members).any()) else True
-    ctx.options = {"networks": str(nets.path), "fbn_rule": "max_z_x_recurrence"}
+    ctx.networks, ctx.fbn_rule = str(nets.path), "max_z_x_recurrence"
     prod = score_neurons("fbn", ctx)
     assert torch.allclose(prod[0], (nets.scores[0] * nets.recurrence[0]).double(), atol=1e-4)
-    ctx.options = {"networks": nets, "fbn_rule": "nope"}
+    ctx.networks, ctx.fbn_rule = nets, "nope"
     with pytest.raises(UserError, match="unknown fbn_rule"):
         score_neurons("fbn", ctx)
 
 
 def test_bad_discover_options_are_user_errors(ctx):
-    ctx.options = {"discover": {**DISC, "threshold": 0}}
+    ctx.discover = {**DISC, "threshold": 0}
     with pytest.raises(UserError, match="discover.threshold"):
         score_neurons("fbn", ctx)

@@ -14,7 +14,7 @@ from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
 from fbnprune.prune.compensate import compensate_
 from fbnprune.prune.redundancy import correlation_like, redundancy_order, residual_sse, residual_sse_many
 from tests.conftest import tiny_model
-from tests.prune.conftest import make_store
+from tests.prune.conftest import fake_networks, make_store
 
 
 def gram_of(h: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,6 @@ def setup(tmp_path_factory):
 
 
 def test_fbn_redundancy_rule_and_control_run_through_the_engine(setup, tmp_path):
-    from tests.prune.test_fbn_variants import fake_networks
-
     model, adapter, store = setup
     width = adapter.width(adapter.mlps(model)[0])
     nets = fake_networks(tmp_path, [torch.zeros(width), torch.zeros(width)])
@@ -121,8 +119,8 @@ def test_fbn_redundancy_rule_and_control_run_through_the_engine(setup, tmp_path)
     assert torch.equal(nets.networks(0), members)
 
     def ctx(**o):
-        return ScoreContext(model=model, adapter=adapter, store=store, seed=0,
-                            options={"progress": False, "networks": nets, "sparsity": 0.25, **o})
+        return ScoreContext(model=model, adapter=adapter, store=store, seed=0, progress=False, networks=nets,
+                            sparsity=0.25, **o)
 
     fbn = score_neurons("fbn", ctx(fbn_rule="redundancy"))
     ctl = score_neurons("corr_redundancy", ctx())
@@ -140,4 +138,4 @@ def test_fbn_redundancy_rule_and_control_run_through_the_engine(setup, tmp_path)
     assert [adapter.width(m) for m in adapter.mlps(pruned)] == [96, 96]
     with pytest.raises(UserError, match="sparsity"):
         score_neurons("corr_redundancy", ScoreContext(model=model, adapter=adapter, store=store, seed=0,
-                                                      options={"progress": False, "networks": nets}))
+                                                      progress=False, networks=nets))

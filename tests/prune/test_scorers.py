@@ -46,7 +46,7 @@ def test_planted_important_neuron_outranks_dead_one(tmp_path, model_type, method
     batch = calib_batch()
     store = make_store(model, tmp_path / "s", batch)
     ctx = ScoreContext(model=model, adapter=get_adapter(model), store=store, sequences=batch.sequences,
-                       options={"sparsity": 0.5})
+                       sparsity=0.5)
     s = score_neurons(method, ctx)[0]
     assert s[HOT] > s[DEAD]
     rank = int((s > s[HOT]).sum())
@@ -90,12 +90,12 @@ def test_taylor_matches_a_hand_computation():
     want = sum((getattr(m, p).weight * getattr(m, p).weight.grad).abs().sum(1) for p in ("gate_proj", "up_proj"))
     want = want + (m.down_proj.weight * m.down_proj.weight.grad).abs().sum(0)
     got = score_neurons("taylor", ScoreContext(model=model, adapter=ad, sequences=seqs,
-                                               options={"taylor_batch_size": 2}))
+                                               taylor_batch_size=2))
     torch.testing.assert_close(got[1], want.detach().double(), rtol=1e-4, atol=1e-8)
     assert all(p.grad is None for p in model.parameters())  # gradients cleaned up
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     vec = score_neurons("taylor", ScoreContext(model=model, adapter=ad, sequences=seqs,
-                                               options={"taylor_variant": "vector", "taylor_batch_size": 2}))
+                                               taylor_variant="vector", taylor_batch_size=2))
     assert (vec[1] <= got[1] + 1e-9).all()  # |sum| <= sum |.|
 
 
@@ -150,4 +150,4 @@ def test_missing_inputs_are_user_errors():
         score_neurons("taylor", ScoreContext(model=model, adapter=ad))
     with pytest.raises(UserError, match="taylor_variant"):
         score_neurons("taylor", ScoreContext(model=model, adapter=ad, sequences=[torch.arange(8)],
-                                             options={"taylor_variant": "second"}))
+                                             taylor_variant="second"))

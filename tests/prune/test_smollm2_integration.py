@@ -49,7 +49,7 @@ def test_scorer_end_to_end_on_smollm2(setup, method):
     model, calib, store, toks, dense = setup
     ad = get_adapter(model)
     ctx = ScoreContext(model=model, adapter=ad, store=store, sequences=calib.sequences,
-                       options={"sparsity": 0.3, "obs_steps": 2})
+                       sparsity=0.3, obs_steps=2)
     scores = score_neurons(method, ctx)
     plan = make_plan(scores, sparsity=0.3, model=model, adapter=ad, protected=[0])
     # 0.3 * 46080 = 13824 neurons from 29 layers = 476.7 each -> 480 (nearest multiple of 8): 1056 kept

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fbnprune.discover.networks import NetworkSet
-from fbnprune.prune.fbn_variants import network_neighbourhoods
+from fbnprune.prune.networks import network_neighbourhoods
 
 
 def degrees(path: str) -> dict[str, object]:
