@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import fbnprune.run as pipeline  # as a module: tests replace pipeline.load to catch a load before the checks
 from fbnprune.analyze.experiments import (
     intervention_plan,
     ranked_networks,
@@ -24,7 +25,17 @@ from fbnprune.analyze.experiments import (
     summarize,
     top_networks,
 )
+from fbnprune.analyze.figures import brain_map, intervention_curves, recurrence_hist
 from fbnprune.analyze.hooks import gains_from_masks, neuron_gains
+from fbnprune.analyze.report import to_markdown
+from fbnprune.discover import DiscoverConfig, run_discovery
+from fbnprune.errors import UserError
+from fbnprune.evaluate.harness import evaluate_tasks
+from fbnprune.evaluate.ppl import perplexity, token_stream
+from fbnprune.evaluate.report import primary_metric
+from fbnprune.export.hf import atomic_dir
+from fbnprune.outputs import check_output_dir
+from fbnprune.paths import cache_dir
 from fbnprune.recipe.schema import AnalyzeConfig, Recipe
 
 __all__ = ["analyze", "neuron_gains", "gains_from_masks", "ranked_networks", "top_networks", "recurrence_analysis",
@@ -33,10 +44,6 @@ __all__ = ["analyze", "neuron_gains", "gains_from_masks", "ranked_networks", "to
 
 def make_probe(model: Any, tokenizer: Any, cfg: AnalyzeConfig, tokens: Any) -> Any:
     """The one measurement every condition gets: perplexity on a fixed slice and accuracy on fixed task subsets."""
-    from fbnprune.evaluate.harness import evaluate_tasks
-    from fbnprune.evaluate.ppl import perplexity
-    from fbnprune.evaluate.report import primary_metric
-
     def probe() -> dict[str, Any]:
         out: dict[str, Any] = {}
         if tokens is not None:
@@ -61,41 +68,32 @@ def analyze(recipe: Recipe, output_dir: str | Path | None = None, overwrite: boo
     The output directory is checked before the model loads, as in :func:`fbnprune.run.run`: an earlier
     analysis there is replaced only with ``overwrite``.
     """
-    from fbnprune.discover import DiscoverConfig, run_discovery
-    from fbnprune.errors import UserError
-    from fbnprune.evaluate.ppl import token_stream
-    from fbnprune.export.hf import atomic_dir
-    from fbnprune.outputs import check_output_dir
-    from fbnprune.run import collect_stage, load, needs_data, provenance, say
-
     cfg = recipe.analyze or AnalyzeConfig()
     if recipe.collect is None or not recipe.collect.keep_activations:
         raise UserError("analyze needs stored activations: a collect section with keep_activations: true")
     t0 = time.perf_counter()
     out = check_output_dir(output_dir or recipe.output_dir or f"outputs/{recipe.name}", overwrite=overwrite)
-    r = load(recipe)
-    collect_stage(r)
+    r = pipeline.load(recipe)
+    pipeline.collect_stage(r)
     assert r.store is not None
     dcfg = recipe.discover or DiscoverConfig(block_texts=None, block_rows=2048)
     nets = run_discovery(r.store, dcfg)
-    say(f"networks: {nets.summary.get('runs_ok')} run(s) -> {nets.path}")
+    pipeline.say(f"networks: {nets.summary.get('runs_ok')} run(s) -> {nets.path}")
     if cfg.run >= int(nets.summary.get("matched_runs") or 1):
         raise UserError(f"analyze.run = {cfg.run}, but only {nets.summary.get('matched_runs')} run(s) are stored")
     title = recipe.model.source
-    say("recurrence across disjoint text blocks")
+    pipeline.say("recurrence across disjoint text blocks")
     rec = recurrence_analysis(nets, shuffles=cfg.shuffles, seed=recipe.seed)
     pc = cfg.perplexity
     tokens = None
-    if not needs_data(pc.source) or r.have_data:
+    if not pipeline.needs_data(pc.source) or r.have_data:
         tokens = token_stream(r.lm.tokenizer, pc.source, pc.max_tokens)
     elif not cfg.tasks:
         raise UserError(f"analyze needs the data directory for {pc.source!r} (or some tasks)")
     probe = make_probe(r.lm.model, r.lm.tokenizer, cfg, tokens)
     plan = intervention_plan(nets, mask_top=cfg.mask_top, keep_top=cfg.keep_top, amplify_top=cfg.amplify_top,
                              gains=cfg.gains, random_seeds=cfg.random_seeds, run=cfg.run)
-    say(f"{len(plan)} conditions, each measured with hooks (weights untouched)")
-    from fbnprune.paths import cache_dir
-
+    pipeline.say(f"{len(plan)} conditions, each measured with hooks (weights untouched)")
     salt = json.dumps([r.lm.info.get("sha256") or recipe.model.source, recipe.model.dtype, nets.path.name, cfg.run,
                        cfg.perplexity.model_dump(), cfg.tasks, cfg.subset, cfg.subset_seed,
                        r.have_data, tokens is not None], default=str)
@@ -107,13 +105,10 @@ def analyze(recipe: Recipe, output_dir: str | Path | None = None, overwrite: boo
         "networks": {"path": str(nets.path), "params": nets.summary["params"], "runs_ok": nets.summary["runs_ok"],
                      "matched_runs": nets.summary.get("matched_runs"), "per_layer": nets.summary["per_layer"]},
         "recurrence": rec, "summary": summary, "rows": rows,
-        "provenance": provenance(recipe, r.lm.info), "seconds": round(time.perf_counter() - t0, 1),
+        "provenance": pipeline.provenance(recipe, r.lm.info), "seconds": round(time.perf_counter() - t0, 1),
     }
 
     def write(tmp: Path) -> None:
-        from fbnprune.analyze.figures import brain_map, intervention_curves, recurrence_hist
-        from fbnprune.analyze.report import to_markdown
-
         brain_map(nets, tmp / "brain_map.png", title, run=cfg.run)
         recurrence_hist(rec, tmp / "recurrence.png", title)
         intervention_curves(summary, [m for m in ("ppl", "mean_acc") if m in metrics], tmp / "interventions.png",
@@ -122,6 +117,6 @@ def analyze(recipe: Recipe, output_dir: str | Path | None = None, overwrite: boo
         (tmp / "analysis.md").write_text(to_markdown(report))
 
     atomic_dir(out, write)
-    say(f"wrote {out}/ (analysis.json, analysis.md, brain_map.png, recurrence.png, interventions.png) "
+    pipeline.say(f"wrote {out}/ (analysis.json, analysis.md, brain_map.png, recurrence.png, interventions.png) "
         f"in {report['seconds']} s")
     return report

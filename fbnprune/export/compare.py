@@ -65,7 +65,7 @@ def _probe(path: str, threads: int, new_tokens: int, runs: int, prompt: str) -> 
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
+    else:  # imported here: a stock load's peak memory must not include fbnprune's own modules
         from fbnprune.export.hf import load_pretrained
 
         model = load_pretrained(path, dtype="float32")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fbnprune.arch import get_adapter
 from fbnprune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ def export_gguf(
             (how many architecture keys came from the source) and ``tensors``.
     """
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter, LlamaFileType, get_tensor_name_map
-
-    from fbnprune.arch import get_adapter
 
     if dtype not in _DTYPES:
         raise UserError(f"unknown GGUF dtype {dtype!r}; choose f16 or f32 (quantise afterwards with llama.cpp)")

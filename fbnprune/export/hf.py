@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
+from fbnprune.arch import get_adapter
 from fbnprune.errors import UserError
+from fbnprune.export.card import model_card, networks_summary
+from fbnprune.export.gguf import export_gguf
 from fbnprune.provenance import versions
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,6 @@ def _dense_width(model: Any, adapter: Any, plan: Any = None) -> int | None:
 
 def describe_export(model: Any, plan: Any = None, require_stock: bool = False) -> ExportLayout:
     """Decide the export layout from the model's real tensor shapes (and the plan, for the dense width)."""
-    from fbnprune.arch import get_adapter
-
     adapter = get_adapter(model)
     mlps = adapter.mlps(model)
     widths = [adapter.width(m) for m in mlps]
@@ -202,8 +203,7 @@ def export_hf(
     Returns the export directory. The chosen layout is logged, stored in ``fbnprune_export.json`` and stated in
     the model card, so a fallback is never silent.
     """
-    from fbnprune.arch import get_adapter
-    from fbnprune.export.card import model_card, networks_summary
+    # imported here, not with the module: loading an export (load_pretrained) should not import the prune stage
     from fbnprune.prune.plan import count_params
 
     extra_json = dict(extra_json or {})
@@ -249,8 +249,6 @@ def export_hf(
         extra_json["fbnprune_networks.json"] = summary
         extra_json[MANIFEST] = manifest
         if gguf is not None:
-            from fbnprune.export.gguf import export_gguf
-
             ginfo: dict[str, Any] = {}
             gpath = export_gguf(model, tmp / f"model-{gguf}.gguf", dtype=gguf,
                                 tokenizer_from=gguf_tokenizer_from or model_info.get("gguf"), info=ginfo)
@@ -354,8 +352,6 @@ def load_pretrained(path: str | Path, dtype: Any = None, device: str = "cpu", **
     from safetensors.torch import load_file
     from torch import nn
     from transformers.initialization import no_init_weights
-
-    from fbnprune.arch import get_adapter
 
     raw = json.loads((path / "config.json").read_text())
     raw.pop("per_layer_config", None)
