@@ -215,7 +215,8 @@ def evaluate_model(r: Run, model: Any, label: str, ppl_inputs: list[tuple[Any, t
     if ev is not None:
         from fbnprune.evaluate.speed import model_stats
 
-        res["stats"] = model_stats(model, r.lm.tokenizer, speed=ev.speed)
+        # size only: speed is measured in run() for both models together, once the pruned one exists
+        res["stats"] = model_stats(model, r.lm.tokenizer, speed=False)
     return res
 
 
@@ -327,13 +328,25 @@ def run(
     results = r.report.setdefault("results", {})
     if evaluating:
         results["dense"] = evaluate_model(r, r.lm.model, "dense", ppl_inputs)
-        if recipe.evaluate.retention is not None:
+        if recipe.evaluate.retention is not None or recipe.evaluate.speed:
             r.dense = copy.deepcopy(r.lm.model)
     if "prune" in stages:
         prune_stage(r)
     if evaluating:
         results["pruned"] = evaluate_model(r, r.lm.model, "pruned", ppl_inputs)
         retention_stage(r)
+        if recipe.evaluate.speed:  # dense and pruned timed in alternation, so that a change of load hits both
+            from fbnprune.evaluate.speed import paired_generation_speed
+
+            timed = paired_generation_speed(r.dense, r.lm.model, r.lm.tokenizer)
+            for label in ("dense", "pruned"):
+                results[label]["stats"]["generation"] = timed[label]
+            d, p, vs = timed["dense"], timed["pruned"], timed["pruned"]["vs_dense"]
+            say(f"generation tokens/s, dense vs pruned in alternation: {d['tokens_per_s']} vs {p['tokens_per_s']} "
+                f"(per CPU-second {d['tokens_per_cpu_s']} vs {p['tokens_per_cpu_s']})"
+                + ("" if vs["busy"] else f", pruned / dense {vs['speedup']:.3f}"))
+            if vs["busy"]:
+                r.note(f"warning: generation speed: {vs['warning']}; the pruned / dense speed ratio is not a result")
         r.dense = None
         retention_report_stage(r, ppl_inputs)
     r.report["provenance"] = provenance(recipe, r.lm.info)

@@ -19,14 +19,16 @@ def tiny_env(tmp_path_factory):
     return make_tiny_env(tmp_path_factory.mktemp("tiny"))
 
 
-def recipe_file(env, tmp_path, **prune):
+def recipe_file(env, tmp_path, speed=False, **prune):
+    """A recipe for the tiny env; generation speed is off unless asked for (one case measures it, for time)."""
     data = {
         "name": "tiny",
         "model": {"source": str(env / "model")},
         "collect": {"source": str(env / "calib.txt"), "n_tokens": 512, "seq_len": 32, "keep_activations": True},
         "prune": {"method": "wanda_sp", "sparsity": 0.25, **prune},
         "evaluate": {"perplexity": [{"source": str(env / "eval.txt"), "seq_len": 32, "max_tokens": 512}],
-                     "retention": {"source": str(env / "eval.txt"), "n_tokens": 128, "seq_len": 32}},
+                     "retention": {"source": str(env / "eval.txt"), "n_tokens": 128, "seq_len": 32},
+                     "speed": speed},
     }
     if prune.get("method") in ("fbn", "corr_redundancy") or prune.get("compensate") in ("netrefit", "corrrefit"):
         data["discover"] = {"n_components": 8, "n_restarts": 2, "block_texts": None, "block_rows": 128}
@@ -45,7 +47,7 @@ def private_cache(tmp_path, monkeypatch):
     [
         {"method": "random"},
         {"method": "magnitude"},
-        {"method": "wanda_sp"},
+        {"method": "wanda_sp", "speed": True},
         {"method": "flap", "compensate": "bias"},
         {"method": "taylor"},
         {"method": "obs", "compensate": "refit"},
@@ -59,9 +61,17 @@ def private_cache(tmp_path, monkeypatch):
     ],
     ids=lambda d: "-".join(str(v) for v in d.values()),
 )
-def test_every_method_end_to_end(tiny_env, tmp_path, prune):
+def test_every_method_end_to_end(tiny_env, tmp_path, prune, monkeypatch):
+    import functools
+
+    import fbnprune.evaluate.speed as speed_mod
+
+    # the run's own protocol (64 tokens, 4 repeats per model) takes ~20 s on the tiny model on two busy cores
+    monkeypatch.setattr(speed_mod, "paired_generation_speed",
+                        functools.partial(speed_mod.paired_generation_speed, new_tokens=8, repeats=2))
     out = tmp_path / "out"
     report = run(load_recipe(recipe_file(tiny_env, tmp_path, **prune)), output_dir=out)
+    speed = prune.pop("speed", False)
     res = report["results"]
     key = "ppl_" + str(tiny_env / "eval.txt") + "_32"
     assert res["dense"][key]["windows"] == 16 and res["pruned"][key]["tokens_scored"] == 16 * 31
@@ -82,6 +92,15 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune):
     assert uniform == (prune.get("allocation", "uniform") == "uniform" and not protected)
     assert manifest["loader"] == ("stock" if uniform else "fbnprune")
     assert (out / "model" / "README.md").read_text().startswith("---")  # model card with front matter
+    models = report["retention"]["models"]
+    if speed:  # one measurement of both models, in alternation, after pruning
+        vs = res["pruned"]["stats"]["generation"]["vs_dense"]
+        assert vs["order"] == ["dense", "pruned", "pruned", "dense"]
+        assert res["dense"]["stats"]["generation"]["new_tokens"] == 8 and vs["wall_ratio"] > 0
+        assert models["speedup"] == vs["speedup"] and (vs["speedup"] is None) == vs["busy"]
+        assert "timed in alternation" in (out / "retention.md").read_text()
+    else:
+        assert "generation" not in res["pruned"]["stats"] and "speedup" not in models
     from transformers import AutoTokenizer
 
     from fbnprune import load_pretrained

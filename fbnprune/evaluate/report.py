@@ -81,7 +81,12 @@ def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, An
                   "params_ratio": pruned_model_stats["params"] / dense_model_stats["params"],
                   "bytes_ratio": pruned_model_stats["param_bytes"] / dense_model_stats["param_bytes"]}
         dg, pg = dense_model_stats.get("generation"), pruned_model_stats.get("generation")
-        if dg and pg:
+        paired = (pg or {}).get("vs_dense")
+        if paired:  # timed in alternation (speed.paired_generation_speed): a busy machine voids the ratio
+            models["speedup"], models["cpu_speedup"] = paired["speedup"], None if paired["busy"] else paired["cpu_speedup"]
+            if paired["busy"]:
+                warnings.append(f"generation speed: {paired['warning']}; the pruned / dense speed ratio is not a result")
+        elif dg and pg:  # two separate measurements (benchmarks/eval_suite interleaves its own)
             models["speedup"] = pg["tokens_per_s"] / dg["tokens_per_s"]
     return {"summary": summary, "tasks": rows, "perplexity": ppl_rows, "agreement": agreement, "models": models,
             "settings": {"dense": dense_results.get("settings"), "pruned": pruned_results.get("settings")},
@@ -145,16 +150,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                    f"| positions (source: {a.get('source', '?')}) | {a['positions']} |")
     mo = report.get("models")
     if mo:
-        d, p = mo["dense"], mo["pruned"]
-        ml = ["| model | params | param bytes | generation tokens/s |", "|---|---:|---:|---:|",
-              f"| dense | {d['params']:,} | {d['param_bytes']:,} | {_f((d.get('generation') or {}).get('tokens_per_s'), 1)} |",
-              f"| pruned | {p['params']:,} | {p['param_bytes']:,} | {_f((p.get('generation') or {}).get('tokens_per_s'), 1)} |",
-              f"| pruned / dense | {mo['params_ratio']:.3f} | {mo['bytes_ratio']:.3f} | {_f(mo.get('speedup'), 3)} |"]
-        out.append("\n".join(ml))
-        g = d.get("generation")
-        if g:
-            out.append(f"Generation speed: {g['decoding']}, batch {g['batch']}, {g['prompt_tokens']}-token prompt, "
-                       f"{g['new_tokens']} new tokens, median of {g['repeats']} runs, {g['threads']} threads.")
+        out.extend(_models_markdown(mo))
     st = (report.get("settings") or {}).get("pruned") or {}
     if st:
         out.append(f"Tasks: lm-eval {st.get('lm_eval')}, zero-shot, engine {st.get('engine')}, dtype {st.get('dtype')}, "
@@ -163,6 +159,37 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report.get("missing_tasks"):
         out.append(f"Tasks in only one of the two runs (not compared): {', '.join(report['missing_tasks'])}")
     return "\n\n".join(out) + "\n"
+
+
+def _models_markdown(mo: dict[str, Any]) -> list[str]:
+    """Size and speed table plus the speed protocol. A speed ratio voided by a busy machine is shown as such,
+    not as a number, so that nobody quotes it."""
+    d, p = mo["dense"], mo["pruned"]
+    dg, pg = d.get("generation") or {}, p.get("generation") or {}
+    paired = pg.get("vs_dense")
+    busy = bool(paired and paired["busy"])
+
+    def ratio(key: str) -> str:
+        return "not a result (machine busy)" if busy else _f(mo.get(key), 3)
+
+    rows = ["| model | params | param bytes | generation tokens/s | tokens per CPU-second |", "|---|---:|---:|---:|---:|"]
+    for name, st, g in (("dense", d, dg), ("pruned", p, pg)):
+        rows.append(f"| {name} | {st['params']:,} | {st['param_bytes']:,} | {_f(g.get('tokens_per_s'), 1)} | "
+                    f"{_f(g.get('tokens_per_cpu_s'), 1)} |")
+    rows.append(f"| pruned / dense | {mo['params_ratio']:.3f} | {mo['bytes_ratio']:.3f} | {ratio('speedup')} | "
+                f"{ratio('cpu_speedup')} |")
+    out = ["\n".join(rows)]
+    if dg:
+        line = (f"Generation speed: {dg['decoding']}, batch {dg['batch']}, {dg['prompt_tokens']}-token prompt, "
+                f"{dg['new_tokens']} new tokens, median of {dg['repeats']} runs, {dg['threads']} threads")
+        if paired:
+            ld = paired["load"]
+            share = "" if paired["cpu_share"] is None else f", CPU share {paired['cpu_share']:.2f}"
+            line += (f"; dense and pruned timed in alternation, speed-up = median ratio of adjacent runs; "
+                     f"1-minute load average {ld['before'][0]:.2f} before and {ld['after'][0]:.2f} after, "
+                     f"{ld['cores']} cores{share}")
+        out.append(line + ".")
+    return out
 
 
 def print_report(report: dict[str, Any]) -> None:
