@@ -20,7 +20,7 @@ import torch
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequences
 from fbnprune.collect.sources import DATA_FILES
-from fbnprune.discover import DiscoverConfig, run_discovery
+from fbnprune.discover import DiscoverConfig, overview, run_discovery
 from fbnprune.errors import UserError
 from fbnprune.evaluate import next_token_agreement, perplexity
 from fbnprune.evaluate.ppl import context_ratio_warning, token_stream
@@ -117,7 +117,17 @@ def discover_stage(r: Run) -> None:
     s = r.networks.summary
     say(f"networks: {s.get('runs_ok')} ICA run(s) ok, {s.get('runs_failed', 0)} failed -> {r.networks.path}")
     r.report["networks"] = {"path": str(r.networks.path), "runs_ok": s.get("runs_ok"),
-                            "runs_failed": s.get("runs_failed")}
+                            "runs_failed": s.get("runs_failed"), "per_layer": overview.layer_rows(r.networks)}
+    say("functional networks found: " + overview.describe(r.networks))
+    print(overview.to_markdown(r.networks).split("\n", 2)[2], flush=True)
+
+
+def write_networks(r: Run, out: Path) -> None:
+    """The networks for a person: the per-layer table and the figure (when this run discovered networks)."""
+    if r.networks is None:
+        return
+    (out / "networks.md").write_text(overview.to_markdown(r.networks))
+    overview.figure(r.networks, out / "networks.png", r.lm.source)
 
 
 def plan_stage(r: Run) -> KeepPlan:
@@ -261,6 +271,7 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
         if r.plan is not None:
             r.plan.save(tmp / "keep_plan.json")
         (tmp / "report.json").write_text(json.dumps(r.report, indent=2, default=str))
+        write_networks(r, tmp)
         if "retention" in r.report:
             from fbnprune.evaluate.report import to_markdown
 

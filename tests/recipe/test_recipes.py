@@ -64,9 +64,9 @@ def test_discover_blocks_must_match_collect_mode():
                                    "discover.block_texts=40"])
     assert r.discover.block_texts == 40
     with pytest.raises(RecipeError, match="need stored activations"):
-        load_recipe("quickstart", ["prune.method=obs"])
+        load_recipe("quickstart", ["prune.method=obs", "collect.keep_activations=false"])
     with pytest.raises(RecipeError, match="only used by the fbn methods"):
-        load_recipe("quickstart", ["discover.n_components=8"])
+        load_recipe("quickstart", ["prune.method=wanda_sp", "discover.n_components=8"])
 
 
 def test_compensate_auto_resolves_to_the_rules_own_refit():
@@ -76,6 +76,7 @@ def test_compensate_auto_resolves_to_the_rules_own_refit():
     assert load_recipe("quickstart", [*fbn, "prune.compensate=bias"]).prune.compensate == "bias"
     assert load_recipe("quickstart", ["prune.method=corr_redundancy", "collect.keep_activations=true"]
                        ).prune.compensate == "refit"
-    assert load_recipe("quickstart").prune.compensate == "none"  # baselines as published
+    assert load_recipe("quickstart").prune.compensate == "refit"  # the quickstart prunes with fbn
+    assert load_recipe("quickstart", ["prune.method=wanda_sp"]).prune.compensate == "none"  # baselines as published
     r = load_recipe("quickstart", fbn)
     assert "compensate: refit" in dump_recipe(r)  # the saved recipe says what was done
