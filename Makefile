@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fbnprune-installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-fast lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier: no real model, nothing over ~10 s; under five minutes on two busy cores. `make test` runs it too.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check fbnprune tests benchmarks scripts

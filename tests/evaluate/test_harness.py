@@ -118,6 +118,7 @@ def test_blimp_group_reports_subset(smol_vocab_llama, tokenizer, data_root):
     assert r["acc"] == pytest.approx(sum(accs) / len(accs))  # lm-eval's group mean, not weighted by size
 
 
+@pytest.mark.integration  # lm-eval indexes its whole task registry to suggest a name: 12-20 s
 def test_unknown_task_name_is_a_clear_error(tiny_llama):
     with pytest.raises(UserError, match=r"unknown task 'piqaa'.*did you mean.*piqa"):
         evaluate_tasks(tiny_llama, word_tokenizer(), ["piqaa"], limit=1, batch_size=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fbnprune.export import export_hf
 from fbnprune.export.compare import compare, machine, main, param_breakdown, weight_bytes
 from fbnprune.prune.plan import count_params
@@ -11,6 +13,7 @@ from tests.conftest import tiny_model
 from tests.export.helpers import slim_model, tiny_tokenizer
 
 
+@pytest.mark.integration  # fresh-process probes: 18-28 s on two busy cores
 def test_compare_reports_dense_vs_slim(tmp_path):
     dense = tiny_model("llama")
     slim, plan = slim_model("llama", "uniform", sparsity=0.5)
@@ -37,8 +40,6 @@ def test_machine_description():
 
 
 def test_cli_requires_two_dirs(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main([])
     assert "DENSE_DIR" in capsys.readouterr().err
