@@ -83,9 +83,11 @@ def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, An
         dg, pg = dense_model_stats.get("generation"), pruned_model_stats.get("generation")
         paired = (pg or {}).get("vs_dense")
         if paired:  # timed in alternation (speed.paired_generation_speed): a busy machine voids the ratio
-            models["speedup"], models["cpu_speedup"] = paired["speedup"], None if paired["busy"] else paired["cpu_speedup"]
+            models["speedup"] = paired["speedup"]
+            models["cpu_speedup"] = None if paired["busy"] else paired["cpu_speedup"]
             if paired["busy"]:
-                warnings.append(f"generation speed: {paired['warning']}; the pruned / dense speed ratio is not a result")
+                warnings.append(f"generation speed: {paired['warning']}; "
+                                "the pruned / dense speed ratio is not a result")
         elif dg and pg:  # two separate measurements (benchmarks/eval_suite interleaves its own)
             models["speedup"] = pg["tokens_per_s"] / dg["tokens_per_s"]
     return {"summary": summary, "tasks": rows, "perplexity": ppl_rows, "agreement": agreement, "models": models,
@@ -172,7 +174,8 @@ def _models_markdown(mo: dict[str, Any]) -> list[str]:
     def ratio(key: str) -> str:
         return "not a result (machine busy)" if busy else _f(mo.get(key), 3)
 
-    rows = ["| model | params | param bytes | generation tokens/s | tokens per CPU-second |", "|---|---:|---:|---:|---:|"]
+    rows = ["| model | params | param bytes | generation tokens/s | tokens per CPU-second |",
+            "|---|---:|---:|---:|---:|"]
     for name, st, g in (("dense", d, dg), ("pruned", p, pg)):
         rows.append(f"| {name} | {st['params']:,} | {st['param_bytes']:,} | {_f(g.get('tokens_per_s'), 1)} | "
                     f"{_f(g.get('tokens_per_cpu_s'), 1)} |")

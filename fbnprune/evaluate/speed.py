@@ -5,10 +5,11 @@ the first (warm-up) call is counted. Everything is fixed here and recorded next 
 ``repeats`` timed runs is reported, after one untimed warm-up run.
 
 Why dense and pruned are measured together (:func:`paired_generation_speed`): on a shared machine the load
-changes from one minute to the next, and two models timed minutes apart compare the load, not the models (a
-busy run once reported a 20%-pruned model at 2.8 tokens/s against the dense model's 5.1). Timed in alternation,
-a change of load hits both; the CPU time beside the wall time, and the load average, say whether the machine
-was busy enough that even the alternation cannot be trusted, and then the ratio is not presented as a result.
+changes from one minute to the next, and two models timed minutes apart compare the load, not the models (so
+timed on a busy 2-core machine, a 20%-pruned SmolLM2 measured 2.8 tokens/s against the dense 5.1). Timed in
+alternation, a change of load hits both; the CPU time beside the wall time, and the load average, say whether
+the machine was busy enough that even the alternation cannot be trusted, and then the ratio is not presented as
+a result.
 """
 
 from __future__ import annotations
@@ -132,11 +133,12 @@ def paired_generation_speed(dense: Any, pruned: Any, tokenizer: Any, *, prompt: 
     Repeat ``i`` times both models back to back, dense first when ``i`` is even and pruned first when it is odd,
     so neither always runs in the other's wake. Each call's wall time (``wall``) and CPU time of this process
     (``cpu``; all its threads) are recorded, and the CPU time of this thread (``thread_cpu``) over the whole
-    measurement gives the CPU share of :data:`MIN_CPU_SHARE`. The speed-up is the median over repeats of the ratio of the two
-    adjacent wall times, which a slow drift of the load cancels out of; ``cpu_speedup`` is the same with CPU
-    times, which other work on the machine barely moves. When :func:`busy_reason` finds the machine busy (load
-    average before or after, or the CPU share of this measurement on a CPU device), ``speedup`` is None and
-    ``warning`` says why; the measured ratios stay in the record.
+    measurement gives the CPU share of :data:`MIN_CPU_SHARE`. The speed-up is the median over repeats of the
+    ratio of the two adjacent wall times, which a slow drift of the load cancels out of; ``cpu_speedup`` is the
+    same with CPU times, which time spent off a core does not inflate (threads spin-waiting for a preempted peer
+    still do). When :func:`busy_reason` finds the machine busy (load average before or after, or the CPU share
+    of this measurement on a CPU device), ``speedup`` is None and ``warning`` says why; the measured ratios stay
+    in the record.
 
     Returns:
         ``{"dense": {...}, "pruned": {...}}``, each model's tokens/s (wall and CPU, medians) with the protocol;
