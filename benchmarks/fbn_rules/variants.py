@@ -1,8 +1,8 @@
 """The study-only scorers of the fbn rule study: functional networks on top of OBS selection.
 
-Importing this module registers them in :data:`fbnprune.prune.SCORERS` for this process only, so ``run.py`` and
-``proxy.py`` score with them through the same engine as every product method, while ``python -m fbnprune`` and
-recipes never see them (they lost to the product's ``fbn``; see ``docs/fbn-study.md``).
+Importing this module registers them in :data:`fbnprune.prune.SCORERS` for this process only, so ``run.py``
+scores with them through the same engine as every product method, while ``python -m fbnprune`` and recipes never
+see them (they lost to the product's ``fbn``; see ``docs/fbn-study.md``).
 
 The naive ``fbn`` rule (keep the neurons with the largest z-scored ICA loading) ignores how much a neuron
 contributes to the layer output, and loses badly to activation-weighted scores. When the kept down-projection

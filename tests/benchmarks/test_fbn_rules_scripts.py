@@ -11,7 +11,7 @@ import pytest
 from tests.benchmarks import BENCHMARKS
 
 
-@pytest.mark.parametrize("script", ["run.py", "proxy.py", "summarize.py"])
+@pytest.mark.parametrize("script", ["run.py", "summarize.py"])
 def test_help(script):
     out = subprocess.run([sys.executable, str(BENCHMARKS / "fbn_rules" / script), "--help"], capture_output=True,
                          text=True, timeout=300)
