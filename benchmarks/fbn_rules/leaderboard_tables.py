@@ -1,6 +1,10 @@
-"""The study's tables on leaderboard protocol v1, from ``benchmarks/leaderboard/v1/results/summary.csv``.
+"""The study's tables on leaderboard protocol v1, from ``leaderboard_v1_summary.csv`` next to this script.
 
     python benchmarks/fbn_rules/leaderboard_tables.py            # Markdown for docs/fbn-study.md
+
+The CSV is the v1 leaderboard's ``results/summary.csv`` byte for byte: the v1 archive (cells, plots, README) left
+the tree, and this one file is all the quoted tables need. The whole archive is in git at commit b912126d7d35
+(``git show b912126d7d35:benchmarks/leaderboard/v1/README.md``).
 
 Why a generator: ``docs/fbn-study.md`` quotes these cells and the share of the perplexity increase over dense that
 fbn removes against each comparison; writing them by hand after every new cell is how numbers go stale. Rows are
@@ -13,7 +17,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-SUMMARY = Path(__file__).resolve().parents[1] / "leaderboard" / "v1" / "results" / "summary.csv"
+SUMMARY = Path(__file__).resolve().parent / "leaderboard_v1_summary.csv"
 SPARSITIES = (0.2, 0.3, 0.5)
 #: fbn's cells: the bundled fbn recipe is labelled ``fbn`` under today's default rebuild (refit) and ``fbn+corrrefit``
 #: when it was measured under the former one (leaderboard protocol v1); its control likewise

@@ -219,6 +219,19 @@ def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> li
     return out if n else []
 
 
+#: archived protocol versions whose folder left the tree, and a commit that still holds it
+REMOVED_VERSIONS = {1: "b912126d7d35"}
+
+
+def earlier_version(v: int) -> str:
+    """A link to archived version ``v``'s board, or, once its folder is gone, the commit that has it (the board
+    must not link to a page that no longer exists)."""
+    if (HERE / f"v{v}" / "README.md").is_file() or v not in REMOVED_VERSIONS:
+        return f"[v{v}](v{v}/README.md)"
+    sha = REMOVED_VERSIONS[v]
+    return f"v{v} (in git at commit {sha}: `git show {sha}:benchmarks/leaderboard/v{v}/README.md`)"
+
+
 def retention_sentence(proto: dict[str, Any]) -> str:
     rp = proto.get("retention")
     if not rp:
@@ -264,7 +277,7 @@ def main() -> int:
           "`obs+refit` and `wanda_sp+refit` get fbn's own rebuild, `flap+bias` is FLAP as published). Every bundled "
           "recipe of a model is a cell; cells not measured yet are absent. Rows: grouped by sparsity, best 2,048-token "
           "perplexity first. Earlier protocol versions, as measured: "
-          + (", ".join(f"[v{v}](v{v}/README.md)" for v in range(1, int(proto["version"]))) or "none") + ".", "",
+          + (", ".join(earlier_version(v) for v in range(1, int(proto["version"]))) or "none") + ".", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
           "`python benchmarks/leaderboard/board.py`.", "", *[f"- {n}" for n in proto.get("notes", [])], ""]
     csv_rows = []

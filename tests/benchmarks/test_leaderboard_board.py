@@ -171,3 +171,15 @@ def test_retention_column_head_to_head_and_guards(board):
     (res / "dense.json").write_text(json.dumps(dense))
     assert mod.main() == 0
     assert "**Warning**: dense ppl@128 / ppl@2048 = 14.0" in (d / "README.md").read_text()
+
+
+def test_earlier_versions_link_their_board_or_name_the_commit(board):
+    """v1's folder left the tree: the board names the commit that has it instead of a dead link."""
+    d, mod = board
+    (d / "v2").mkdir()
+    (d / "v2" / "README.md").write_text("# v2\n")
+    assert mod.main() == 0
+    line = next(ln for ln in (d / "README.md").read_text().splitlines() if "Earlier protocol versions" in ln)
+    sha = mod.REMOVED_VERSIONS[1]
+    assert f"v1 (in git at commit {sha}: `git show {sha}:benchmarks/leaderboard/v1/README.md`)" in line
+    assert "[v2](v2/README.md)" in line and "(v1/README.md)" not in line
