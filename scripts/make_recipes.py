@@ -1,10 +1,15 @@
-"""Regenerate the bundled recipes under fbnprune/recipes/<model>/ (run after changing the grid or defaults).
+"""Regenerate the leaderboard's grid recipes under benchmarks/leaderboard/grid/<model>/ (after changing the grid or
+the defaults).
 
 One recipe per model x method x sparsity (uniform widths, stock-loadable), plus fbn with global allocation, fbn
 with bias compensation, the naive fbn rule (max |z|), the control of the fbn rule without networks, the baselines
 with the compensation their authors pair them with, and Wanda-sp with fbn's own re-fit (the same rebuild after a
 different selection). These recipes are the leaderboard's grid. Every recipe of a model shares the same calibration
 settings (and keeps activations), so the cached activations and networks are computed once and reused by all.
+
+They live with the benchmark, not in the package: a hundred generated per-method, per-sparsity files are the
+grid's cells, not recipes a user picks from ``python -m fbnprune recipes``. Any of them still runs as a file:
+``python -m fbnprune run benchmarks/leaderboard/grid/smollm2-135m/fbn-30.yaml``.
 
     python scripts/make_recipes.py
 """
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent / "fbnprune" / "recipes"
+ROOT = Path(__file__).resolve().parent.parent / "benchmarks" / "leaderboard" / "grid"
 MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 x 1536 MLP neurons)",
     "gemma3-270m": "Gemma 3 270M (18 x 2048 MLP neurons)",

@@ -167,11 +167,9 @@ def pivot(rows: list[dict[str, Any]], key: str, title: str, low: bool = True, nd
 
 
 def missing_cells(model: str, measured: list[dict[str, Any]]) -> tuple[list[str], int]:
-    """Bundled cells of ``model`` with no result yet, and how many there are in all, so the board says which part
-    of the grid it does not show."""
-    from fbnprune.recipe import bundled_recipes
-
-    grid = [k.split("/", 1)[1] for k in bundled_recipes() if k.startswith(model + "/")]
+    """Grid cells of ``model`` (``grid/<model>/*.yaml``) with no result yet, and how many there are in all, so the
+    board says which part of the grid it does not show."""
+    grid = [p.stem for p in sorted((HERE / "grid" / model).glob("*.yaml"))]
     done = {c["run_info"]["cell"] for c in measured}
     return sorted(n for n in grid if n not in done), len(grid)
 
@@ -190,7 +188,7 @@ def head_to_head(rows: list[dict[str, Any]], dense: dict[str, Any] | None) -> li
            "| sparsity | metric | fbn | best baseline | its value | fbn vs it |", "|---|---|---|---|---|---|"]
     n = 0
     for s in sorted({r["sparsity"] for r in uni}):
-        # the bundled fbn recipe's cell, whatever its label: cells measured before the default compensation
+        # the grid's fbn recipe's cell, whatever its label: cells measured before the default compensation
         # changed carry the old one in their label (e.g. fbn+corrrefit)
         fbn = next((r for r in uni if r["sparsity"] == s and re.fullmatch(r"fbn-\d+", r["cell"])), None)
         base = [r for r in uni if r["sparsity"] == s and r["method"].split("+")[0] in BASELINES]
@@ -274,8 +272,8 @@ def main() -> int:
           "Labels: `fbn` is fbnprune's current default (`fbn_rule: redundancy` with the rebuild `compensate: auto` "
           "gives it, now the global `refit`); `fbn(<rule>)` another fbn rule, e.g. `fbn(max_z)`, the reference's "
           "naive rule; `+<name>` a compensation other than the method's default (baselines default to none: "
-          "`obs+refit` and `wanda_sp+refit` get fbn's own rebuild, `flap+bias` is FLAP as published). Every bundled "
-          "recipe of a model is a cell; cells not measured yet are absent. Rows: grouped by sparsity, best 2,048-token "
+          "`obs+refit` and `wanda_sp+refit` get fbn's own rebuild, `flap+bias` is FLAP as published). Every grid "
+          "recipe of a model (`grid/<model>/`) is a cell; cells not measured yet are absent. Rows: grouped by sparsity, best 2,048-token "
           "perplexity first. Earlier protocol versions, as measured: "
           + (", ".join(earlier_version(v) for v in range(1, int(proto["version"]))) or "none") + ".", "",
           "Regenerate: `python benchmarks/leaderboard/run.py --model <model>` (resumable), then "
@@ -310,7 +308,7 @@ def main() -> int:
         md += [f"## {model}", "", " ".join(header), ""]
         missing, n_grid = missing_cells(model, cells)
         if missing:
-            md += [f"Not measured yet ({len(missing)} of the {n_grid} bundled cells; "
+            md += [f"Not measured yet ({len(missing)} of the {n_grid} grid cells; "
                    f"`run.py --model {model}` runs them): {', '.join(missing)}.", ""]
         carried = sum(r["carried"] for r in rows)
         if carried:

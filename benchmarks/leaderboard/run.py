@@ -1,10 +1,10 @@
-"""Run the leaderboard grid for one model: every bundled recipe of that model under one pinned protocol.
+"""Run the leaderboard grid for one model: every grid recipe of that model under one pinned protocol.
 
     python benchmarks/leaderboard/run.py --model smollm2-135m            # all cells, resumable
     python benchmarks/leaderboard/run.py --model smollm2-135m --cells 'wanda_sp-*' 'fbn-30'
     python benchmarks/leaderboard/board.py                                # tables, CSV and plots
 
-The cells are the bundled recipes ``fbnprune/recipes/<model>/*.yaml`` (method, sparsity, allocation,
+The cells are the grid recipes ``grid/<model>/*.yaml`` (method, sparsity, allocation,
 compensation); their evaluate sections are replaced by ``protocol.yaml``, so every method is measured the same
 way. The model is loaded once; calibration activations and networks are computed once (cached by content) and
 reused by every cell; each cell prunes a fresh copy of the dense model. One JSON per cell goes to
@@ -40,7 +40,7 @@ from fbnprune.evaluate.ppl import perplexity, token_stream  # noqa: E402
 from fbnprune.models import LoadedModel  # noqa: E402
 from fbnprune.models.feed import feed_info  # noqa: E402
 from fbnprune.provenance import machine  # noqa: E402
-from fbnprune.recipe import bundled_recipes, load_recipe  # noqa: E402
+from fbnprune.recipe import load_recipe  # noqa: E402
 from fbnprune.run import Run, collect_stage, discover_stage, load, plan_stage, provenance, prune_stage, say  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def share_scores() -> None:
 
 
 def cell_names(model: str) -> dict[str, Path]:
-    return {k.split("/", 1)[1]: v for k, v in bundled_recipes().items() if k.startswith(model + "/")}
+    return {p.stem: p for p in sorted((HERE / "grid" / model).glob("*.yaml"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,9 +30,13 @@ def bundled_dir() -> Path:
 
 
 def bundled_recipes() -> dict[str, Path]:
-    """Bundled recipe name (path relative to the recipes folder, without ``.yaml``) -> file."""
-    root = bundled_dir()
-    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+    """Bundled recipe name (file name without ``.yaml``) -> file: the recipes a user picks from.
+
+    Only the top level of the recipes folder counts. The leaderboard's generated per-method, per-sparsity grid
+    lives in ``benchmarks/leaderboard/grid/`` and runs from there as files; a subfolder left in the package (an
+    older install) would only bury quickstart and analyze under a hundred near-identical names.
+    """
+    return {p.stem: p for p in sorted(bundled_dir().glob("*.yaml"))}
 
 
 def find_recipe(name: str) -> Path:

@@ -31,6 +31,7 @@ def board(tmp_path):
     d.mkdir()
     for f in ("board.py", "protocol.yaml"):
         shutil.copy(BOARD / f, d / f)
+    shutil.copytree(BOARD / "grid", d / "grid")
     res = d / "results" / "m"
     res.mkdir(parents=True)
     cells = [cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-"),
@@ -78,31 +79,29 @@ def test_head_to_head_against_best_baseline(board):
     assert "| 30% | ppl@2048 | 17.60 | obs+refit | 20.00 | +60.0% of the increase |" in md
     # accuracy: 0.55 vs obs+refit's 0.57; only fbn has standard errors (0.05 per task -> 0.0204 on the mean)
     assert "| 30% | mean acc | 0.550 | obs+refit | 0.570 | -0.020 ± 0.020 (tie) |" in md
-    # a cell of the bundled fbn recipe measured under an older default compensation is still fbn's row, labelled
+    # a cell of the grid's fbn recipe measured under an older default compensation is still fbn's row, labelled
     c["run_info"]["compensate"] = "corrrefit"
     (d / "results" / "m" / "fbn-30.json").write_text(json.dumps(c))
     assert mod.main() == 0
     assert "| 30% | ppl@128 | 22.00 (fbn+corrrefit) | obs+refit | 25.00 |" in (d / "README.md").read_text()
 
 
-def test_board_lists_bundled_cells_not_measured(board):
-    from fbnprune.recipe import bundled_recipes
-
+def test_board_lists_grid_cells_not_measured(board):
     d, mod = board
     res = d / "results" / "smollm2-135m"
     res.mkdir()
     (res / "dense.json").write_text(json.dumps(cell("dense", "dense", 0.0, [0.6] * 6, 20.0, 100, allocation="-")))
     (res / "flap-bias-30.json").write_text(json.dumps(cell("flap-bias-30", "flap", 0.3, [0.5] * 6, 30.0, 80,
                                                            compensate="bias")))
-    grid = sorted(k.split("/", 1)[1] for k in bundled_recipes() if k.startswith("smollm2-135m/"))
+    grid = sorted(p.stem for p in (BOARD / "grid" / "smollm2-135m").glob("*.yaml"))
     assert "flap-bias-30" in grid
     assert mod.main() == 0
     md = (d / "README.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("Not measured yet"))
-    assert line.startswith(f"Not measured yet ({len(grid) - 1} of the {len(grid)} bundled cells;")
+    assert line.startswith(f"Not measured yet ({len(grid) - 1} of the {len(grid)} grid cells;")
     listed = line.split(": ", 1)[1].rstrip(".").split(", ")
     assert listed == [n for n in grid if n != "flap-bias-30"]
-    assert "Not measured yet" not in md.split("## smollm2-135m")[0]  # model "m" has no bundled grid
+    assert "Not measured yet" not in md.split("## smollm2-135m")[0]  # model "m" has no grid
 
 
 def test_header_names_every_command_and_busy_cells(board):

@@ -1,17 +1,40 @@
-"""Every bundled recipe validates; malformed recipes list all their errors with dotted paths."""
+"""Every bundled recipe and every leaderboard grid recipe validates; malformed recipes list all their errors with
+dotted paths."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from fbnprune.recipe import RecipeError, bundled_recipes, load_recipe
 from fbnprune.recipe.load import dump_recipe
 
+GRID = Path(__file__).resolve().parents[2] / "benchmarks" / "leaderboard" / "grid"
+GRID_RECIPES = sorted(GRID.glob("*/*.yaml"))
+
 
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))
 def test_bundled_recipe_validates(name):
     r = load_recipe(name)
     assert r.name and r.model.source
+
+
+def test_bundled_recipes_are_the_ones_to_pick():
+    """`fbnprune recipes` lists quickstart and the analyze recipes, not the leaderboard's generated grid."""
+    names = set(bundled_recipes())
+    assert {"quickstart", "analyze-smollm2-135m", "analyze-gemma3-270m"} <= names
+    assert not any("/" in n for n in names)
+
+
+def test_grid_has_every_model():
+    assert {p.parent.name for p in GRID_RECIPES} == {"smollm2-135m", "gemma3-270m"}
+
+
+@pytest.mark.parametrize("path", GRID_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_grid_recipe_validates(path):
+    r = load_recipe(path)
+    assert r.name == f"{path.parent.name}-{path.stem}" and r.model.source == path.parent.name
 
 
 def test_bad_recipe_reports_every_error(tmp_path):
