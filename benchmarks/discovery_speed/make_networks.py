@@ -12,15 +12,18 @@ hash, model, runs ok/failed, per-layer network counts, sizes and recurrence) is 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fbnprune.collect import collect, make_sequences
-from fbnprune.discover import DiscoverConfig, run_discovery
-from fbnprune.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import command_line, write_json  # noqa: E402
+from fbnprune.collect import collect, make_sequences  # noqa: E402
+from fbnprune.discover import DiscoverConfig, run_discovery  # noqa: E402
+from fbnprune.models import load_model  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -49,9 +52,8 @@ def main() -> None:
     summary = dict(nets.summary)
     summary["networks_path"] = str(nets.path)
     summary["collect_s_or_cached"] = round(t_collect, 1)
-    summary["command"] = (f"nice -n 5 .venv/bin/python benchmarks/discovery_speed/make_networks.py {args.model} "
-                          f"--tokens {args.tokens} --components {args.components} --restarts {args.restarts}")
-    (HERE / f"networks_{args.model}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    summary["command"] = command_line()
+    write_json(HERE / f"networks_{args.model}.json", summary, indent=1)
     print(nets, f"{summary['seconds']} s")
     for row in summary["per_layer"]:
         print(row)

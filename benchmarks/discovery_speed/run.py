@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -42,11 +41,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fbnprune.collect import collect, make_sequences
-from fbnprune.discover import DiscoverConfig, discover_networks
-from fbnprune.discover.decompose import restart_seeds
-from fbnprune.discover.discovery import block_ranges
-from fbnprune.paths import cache_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import command_line, write_json  # noqa: E402
+from fbnprune.collect import collect, make_sequences  # noqa: E402
+from fbnprune.discover import DiscoverConfig, discover_networks  # noqa: E402
+from fbnprune.discover.decompose import restart_seeds  # noqa: E402
+from fbnprune.discover.discovery import block_ranges  # noqa: E402
+from fbnprune.paths import cache_dir  # noqa: E402
+from fbnprune.provenance import versions  # noqa: E402
 
 HERE = Path(__file__).parent
 N_TOKENS = 18_700  # about 120 texts: 3 blocks of 40
@@ -147,7 +150,7 @@ def phase_reference(store, rows: np.ndarray, k: int, restarts: int, seed: int, t
             info["load_avg"] = load_avg()
             np.save(out / f"reference_scores_{layer:03d}.npy", score.astype(np.float32))
             state["layers"][str(layer)] = info
-            state_file.write_text(json.dumps(state, indent=1))
+            write_json(state_file, state, indent=1)
             print(f"reference layer {layer}: {info['seconds']} s, iterations {info['iterations']}", flush=True)
     return state
 
@@ -294,10 +297,8 @@ def main() -> None:
         "model": args.model, "layers": store.n_layers, "neurons_per_layer": store.widths[0],
         "components": args.components, "restarts": args.restarts, "texts": args.texts, "rows": int(rows.size),
         "machine": machine(args.threads),
-        "commands": dict(results.get("commands", {}), **{
-            args.phases: ".venv/bin/python benchmarks/discovery_speed/run.py " + " ".join(sys.argv[1:])}),
-        "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  cwd=HERE).stdout.strip(),
+        "commands": dict(results.get("commands", {}), **{args.phases: command_line()}),
+        "git_sha": versions()["git_sha"],
         "activation_bytes_one_layer_block": int(rows.size * store.widths[0] * 4),
     })
     if "forward" in phases:
@@ -338,7 +339,7 @@ def main() -> None:
     if "report" in phases:
         results.update(_report(out, store.n_layers, results))
     results["load_avg_at_end"] = load_avg()
-    res_file.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(res_file, results)
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (dict, list))}, indent=1))
 
 

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import command_line, now, write_json  # noqa: E402
+
 
 def _rate(fn: Callable[[], object], repeats: int) -> float:
     """Seconds per call, after one warm-up call."""
@@ -85,14 +89,10 @@ def main() -> None:
         "machine": machine(),
         "loadavg_at_start": [round(x, 2) for x in start_load],
         "python": platform.python_version(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command_line(),
+        "date": now(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))
 
 

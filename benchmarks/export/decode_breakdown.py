@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fbnprune.export.compare import machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import command_line, write_json  # noqa: E402
+from fbnprune.export.compare import machine  # noqa: E402
 
 
 def _child(path: str, threads: int, reps: int, use_cpu: bool) -> dict[str, Any]:
@@ -112,12 +115,11 @@ def main() -> int:
     out["mlp_share_dense"] = round(d["mlp_ms"] / d["step_ms"], 4)
     out["settings"] = {"threads": a.threads, "reps": a.reps, "rounds": a.rounds, "prompt_tokens": 20, "clock": a.clock,
                        "machine": machine(),
-                       "command": "python " + " ".join(sys.argv)}
+                       "command": command_line()}
     out["runs"] = res
-    text = json.dumps(out, indent=2)
     if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
+        write_json(Path(a.out), out)
+    print(json.dumps(out, indent=2))
     return 0
 
 

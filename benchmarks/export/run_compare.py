@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fbnprune.arch import get_adapter
-from fbnprune.export import export_hf
-from fbnprune.export.compare import compare, machine
-from fbnprune.models import load_model
-from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import command_line, write_json  # noqa: E402
+from fbnprune.arch import get_adapter  # noqa: E402
+from fbnprune.export import export_hf  # noqa: E402
+from fbnprune.export.compare import compare, machine  # noqa: E402
+from fbnprune.models import load_model  # noqa: E402
+from fbnprune.prune import ScoreContext, apply_plan_, make_plan, score_neurons  # noqa: E402
 
 
 def export_pair(a: argparse.Namespace, dense_dir: Path, slim_dir: Path) -> None:
@@ -77,14 +78,14 @@ def main() -> int:
     rep = compare(dense_dir, slim_dir, threads=a.threads, new_tokens=a.new_tokens, rounds=a.rounds, runs=a.runs)
     rep = {
         "model": a.model,
-        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
+        "command": command_line(),
         "pruning": plan_info,
         **rep,
         "gguf_check": gguf_check,
         "wall_s": round(time.time() - t0, 1),
     }
     out = HERE / f"{a.model}-compare.json"
-    out.write_text(json.dumps(rep, indent=2) + "\n")
+    write_json(out, rep)
     print(f"[bench] speed-up {rep['speedup']} (target {rep['target_speedup']}, met={rep['target_met']}); "
           f"wrote {out}; machine {machine()['loadavg']}", flush=True)
     return 0

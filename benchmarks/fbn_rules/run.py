@@ -16,6 +16,11 @@ Protocol (recorded in every cell):
 Scorers: the product's, plus the study's own (``fbn_obs``, ``fbn_alloc``, ``obs_global``) that ``variants.py``
 registers when this script imports it.
 
+The model is loaded and calibrated once by ``benchmarks/runner.py`` (fbnprune's load and collect stages), and every
+cell compensates and prunes a fresh copy of it with fbnprune's prune stage. Scores and keep plans are made here, not
+by the plan stage: the variants are not recipes (their scorers take settings no recipe has, such as ``fbn_beta``,
+and the global ones plan without normalisation).
+
 Cells live in ``results/<model>/ppl<eval_tokens>[_tasks<limit>]/<variant>__<sparsity>__<compensate>.json``; a
 rerun skips finished cells, so the grid can be extended later. ``summarize.py`` builds results.md from them.
 
@@ -26,11 +31,7 @@ rerun skips finished cells, so the grid can be extended later. ``summarize.py`` 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,18 +39,19 @@ from typing import Any
 
 import torch
 
-from fbnprune.arch import get_adapter
-from fbnprune.collect import collect, make_sequences
-from fbnprune.discover import DiscoverConfig, run_discovery
-from fbnprune.evaluate import perplexity
-from fbnprune.evaluate.ppl import token_stream
-from fbnprune.models import load_model
-from fbnprune.prune import COMPENSATIONS, apply_plan_, compensate_, count_params, make_plan, score_neurons
-from fbnprune.prune.gram import set_gram_cache_size
-
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the checkout's root, for benchmarks.runner
 sys.path.insert(0, str(HERE))  # variants.py sits next to this script, which also runs loaded by path (tests)
 from variants import context  # noqa: E402  (importing it registers the study's scorers)
+
+from benchmarks.runner import Bench, CellDir, Protocol, now  # noqa: E402
+from fbnprune.collect import collect  # noqa: E402
+from fbnprune.discover import DiscoverConfig, run_discovery  # noqa: E402
+from fbnprune.provenance import machine, versions  # noqa: E402
+from fbnprune.prune import COMPENSATIONS, count_params, make_plan, score_neurons  # noqa: E402
+from fbnprune.prune.gram import set_gram_cache_size  # noqa: E402
+from fbnprune.recipe import Recipe  # noqa: E402
+from fbnprune.run import prune_stage  # noqa: E402
 
 CALIB = {"source": "wikitext2-valid", "n_tokens": 8192, "seq_len": 512, "mode": "pack", "seed": 0, "drop_first": 1}
 RIDGE = 1e-3
@@ -98,22 +100,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "platform": f"{platform.machine()} {platform.system()} {platform.release()}",
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "note": "shared machine: 2 cores used by up to 5 agents; timings are indicative only",
-    }
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return None
+def cell_machine() -> dict[str, Any]:
+    """:func:`fbnprune.provenance.machine` plus the names the study's cells have carried since the first one and
+    ``summarize.py`` prints (platform, cpus, torch, note), so old and new cells read alike."""
+    m = machine()
+    return {**m, "platform": f"{platform.machine()} {m['os']}", "cpus": m["cores"], "torch": torch.__version__,
+            "note": "load average above half the cores at the cell's end: timings are upper bounds" if m["busy"]
+            else "load average below half the cores at the cell's end"}
 
 
 def main() -> None:
@@ -144,61 +137,55 @@ def main() -> None:
     sub = f"ppl{args.eval_tokens}" + (f"_tasks{args.limit}" if tasks else "") + \
         (f"_drop{args.drop_first}" if args.drop_first != CALIB["drop_first"] else "") + \
         (f"_seed{args.calib_seed}" if args.calib_seed != CALIB["seed"] else "")
-    out = Path(args.out) / args.model / sub
-    out.mkdir(parents=True, exist_ok=True)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + ".venv/bin/python benchmarks/fbn_rules/run.py " + \
-        " ".join(sys.argv[1:])
-    torch.manual_seed(0)
+    out = CellDir(Path(args.out) / args.model / sub)
 
-    lm = load_model(args.model, dtype="float32")
-    model, tok = lm.model.eval(), lm.tokenizer
-    adapter = get_adapter(model)
-    calib = make_sequences(tok, calib_cfg["source"], n_tokens=calib_cfg["n_tokens"], seq_len=calib_cfg["seq_len"],
-                           mode=calib_cfg["mode"], seed=calib_cfg["seed"])
-    store = collect(model, calib, model_info=lm.info, keep_activations=True, drop_first=calib_cfg["drop_first"])
+    # the model and the calibration, once; every cell's prune section is set by the cell (mask mode: same logits
+    # as slice, no surgery cost)
+    recipe = Recipe.model_validate({
+        "name": f"fbn-rules-{args.model}", "model": {"source": args.model, "dtype": "float32"},
+        "collect": {**calib_cfg, "keep_activations": True, "fallback": None},
+        "prune": {"mode": "mask", "ridge": RIDGE, "protected_layers": [], "min_width": 8, "round_to": 8},
+        "evaluate": None, "export": None})
+    bench = Bench(recipe, Protocol(seq_lens=(512,), ppl_tokens=args.eval_tokens, batch_tokens=4 * 512,
+                                   tasks=tuple(tasks), task_options={"limit": args.limit}, progress=False))
+    model, adapter, store, calib = bench.dense, bench.base.adapter, bench.base.store, bench.base.calib
     # networks always come from the store without the first position: its outliers (SmolLM2's attention sink reaches
     # 800x a normal token's MLP output) would dominate ICA's z-scores; scores and re-fits use ``store``
     disc_store = store if calib_cfg["drop_first"] == CALIB["drop_first"] else collect(
-        model, calib, model_info=lm.info, keep_activations=True, drop_first=CALIB["drop_first"])
+        model, calib, model_info=bench.base.lm.info, keep_activations=True, drop_first=CALIB["drop_first"])
     set_gram_cache_size(len(adapter.mlps(model)))
-    toks = token_stream(tok, "wikitext2-test", args.eval_tokens)
     protocol = {"model": args.model, "calibration": calib_cfg, "eval_tokens": args.eval_tokens, "seq_len": 512,
                 "ridge": RIDGE, "obs_steps": OBS_STEPS, "round_to": 8, "mode": "mask",
                 "tasks": tasks, "task_limit": args.limit if tasks else None}
+    code = versions()  # the code this process imported: a commit made while it runs is not what it measures
 
     def evaluate(m: Any, desc: str) -> dict[str, Any]:
-        r = perplexity(m, toks, seq_len=512, batch_size=4, desc=desc, progress=False)
+        r = bench.perplexity(m, 512, desc)
         res = {"ppl": r["ppl"], "nll": r["nll"], "ppl_seconds": r.get("seconds")}
         if tasks:
-            from fbnprune.evaluate.harness import evaluate_tasks
-
-            t = evaluate_tasks(m, tok, tasks, limit=args.limit, progress=False)
+            t = bench.tasks(m)
             res["tasks"] = {k: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, float, str))}
                             for k, v in t["tasks"].items()}
         return res
 
-    def write(path: Path, payload: dict[str, Any]) -> None:
-        payload.update(command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       git_sha=git_sha(), machine=machine(), protocol=protocol)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-        tmp.rename(path)
+    def write(name: str, payload: dict[str, Any]) -> None:
+        payload.update(command=bench.command, date=now(), git_sha=code["git_sha"], versions=code,
+                       machine=cell_machine(), protocol=protocol)
+        out.write(name, payload, indent=1)
 
-    dense_file = out / "dense.json"
-    if not dense_file.is_file():
+    if not out.done("dense"):
         t0 = time.perf_counter()
-        write(dense_file, {"variant": "dense", **evaluate(model, "dense"), "params": count_params(model),
-                           "seconds": round(time.perf_counter() - t0, 1)})
-    print(f"dense ppl {json.loads(dense_file.read_text())['ppl']:.3f}", flush=True)
+        write("dense", {"variant": "dense", **evaluate(model, "dense"), "params": count_params(model),
+                        "seconds": round(time.perf_counter() - t0, 1)})
+    print(f"dense ppl {out.read('dense')['ppl']:.3f}", flush=True)
 
     nets_cache: dict[str, Any] = {}
     score_cache: dict[tuple, Any] = {}
     for sp in sparsities:
         for v in variants:
             for cp in comps:
-                cell_file = out / f"{v}__{sp:g}__{cp}.json"
-                if cell_file.is_file():
+                name = f"{v}__{sp:g}__{cp}"
+                if out.done(name):
                     continue
                 spec = VARIANTS[v]
                 t0 = time.perf_counter()
@@ -210,30 +197,33 @@ def main() -> None:
                         nets_cache[dkey] = run_discovery(disc_store, DiscoverConfig(**DISCOVER[dkey]), progress=False)
                     opts["networks"] = nets_cache[dkey]
                 key = (v, sp)
-                if key not in score_cache:
+                if key not in score_cache:  # the study's scorers take settings no recipe has: scored here
                     ctx = context(model, adapter, store=store, sequences=calib.sequences, seed=0, **opts)
                     score_cache[key] = (score_neurons(spec["scorer"], ctx), round(time.perf_counter() - t0, 1))
                 scores, score_s = score_cache[key]
                 alloc = spec.get("allocation", "uniform")
-                plan = make_plan(scores, sparsity=sp, model=model, adapter=adapter, allocation=alloc,
-                                 protected=[0, 1, 2, len(scores) - 2, len(scores) - 1]
-                                 if spec.get("protected") == "edges" else [],
-                                 min_width=8, round_to=8, normalize=spec.get("normalize", "none" if alloc == "global" else "mean"))
+                protected = [0, 1, 2, len(scores) - 2, len(scores) - 1] if spec.get("protected") == "edges" else []
                 t1 = time.perf_counter()
-                m = copy.deepcopy(model)
+                rule = spec.get("options", {}).get("fbn_rule")
+                r = bench.cell(bench.recipe_with(method=spec["scorer"], sparsity=sp, allocation=alloc, compensate=cp,
+                                                 protected_layers=protected, **({"fbn_rule": rule} if rule else {})))
+                r.plan = make_plan(scores, sparsity=sp, model=r.lm.model, adapter=adapter, allocation=alloc,
+                                   protected=protected, min_width=8, round_to=8,
+                                   normalize=spec.get("normalize", "none" if alloc == "global" else "mean"))
                 # netrefit / corrrefit use the variant's own networks, else the union over the runs of "runs4"
                 nkey = dkey or "runs4"
                 rebuild_from_nets = COMPENSATIONS.get(cp).needs.networks
                 if rebuild_from_nets and nkey not in nets_cache:
                     nets_cache[nkey] = run_discovery(disc_store, DiscoverConfig(**DISCOVER[nkey]), progress=False)
                 # anchored keeps its own ridge (0.1 x mean diagonal, toward the original kept columns)
-                rep = compensate_(m, plan, store, cp, networks=nets_cache.get(nkey), ridge=RIDGE, progress=False)
-                apply_plan_(m, plan, "mask")
-                res = evaluate(m, f"{v} {sp} {cp}")
+                r.networks = nets_cache.get(nkey)
+                prune_stage(r)
+                rep = r.report.get("compensation")
+                res = evaluate(r.lm.model, f"{v} {sp} {cp}")
                 cell = {"variant": v, "scorer": spec["scorer"], "options": spec.get("options", {}),
                         "discover": DISCOVER.get(dkey) if dkey else None, "allocation": alloc, "sparsity": sp,
-                        "compensate": cp, **res, "achieved_sparsity": plan.sparsity,
-                        "kept_widths": plan.kept_widths, "score_seconds": score_s,
+                        "compensate": cp, **res, "achieved_sparsity": r.plan.sparsity,
+                        "kept_widths": r.plan.kept_widths, "score_seconds": score_s,
                         "seconds": round(time.perf_counter() - t1, 1),
                         "refit_networks": DISCOVER[nkey] if rebuild_from_nets else None}
                 if rep:
@@ -241,9 +231,9 @@ def main() -> None:
                     cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
                     if rebuild_from_nets:
                         cell["netrefit_alone_fraction"] = sum(x["alone"] for x in lay) / len(lay)
-                write(cell_file, cell)
+                write(name, cell)
                 print(f"{v:16s} {sp:.2f} {cp:6s} ppl {res['ppl']:10.3f} ({cell['seconds']} s)", flush=True)
-                del m
+                del r
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Protocol (fixed, recorded in results.json):
 * pruning: uniform allocation (same width in every layer, no protected layers, round_to 8), mode ``mask``
   (identical logits to ``slice``, tested in tests/prune/test_ops.py), fraction of MLP neurons removed.
 
-The dense model is loaded once and deep-copied per cell. Results are appended after every cell, and a rerun
-skips cells already in results.json (same protocol), so an interrupted run resumes.
+The dense model is loaded and calibrated once and deep-copied per cell, and each cell is scored, planned,
+compensated and pruned by fbnprune's own stages (``benchmarks/runner.py``); cells that differ only in their
+compensation share one scoring. Results are appended after every cell (the file is replaced whole, never left
+half-written), and a rerun skips cells already in results.json (same protocol), so an interrupted run resumes.
 
     nice -n 10 .venv/bin/python benchmarks/prune_baselines/run.py [--scorers a,b] [--sparsities 0.2,0.3]
 """
@@ -17,27 +19,18 @@ skips cells already in results.json (same protocol), so an interrupted run resum
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the checkout's root, for benchmarks.runner
 
-from fbnprune.arch import get_adapter
-from fbnprune.collect import collect, make_sequences
-from fbnprune.evaluate import perplexity
-from fbnprune.evaluate.ppl import token_stream
-from fbnprune.models import load_model
-from fbnprune.prune import SCORERS, ScoreContext, apply_plan_, count_params, make_plan, score_neurons
-from fbnprune.prune.compensate import compensate_
-from fbnprune.prune.gram import set_gram_cache_size
+from benchmarks.runner import Bench, Protocol, now, read_json, record, share_scores, write_json  # noqa: E402
+from fbnprune.prune import SCORERS, ScoreContext, count_params  # noqa: E402
+from fbnprune.prune.gram import set_gram_cache_size  # noqa: E402
+from fbnprune.recipe import Recipe  # noqa: E402
 
-HERE = Path(__file__).parent
 PROTOCOL = {
     "model": "smollm2-135m",
     "dtype": "float32",
@@ -53,28 +46,8 @@ PROTOCOL = {
 COMPENSATIONS = ("none", "bias", "refit")
 
 
-def machine() -> dict:
-    load = os.getloadavg()
-    return {
-        "platform": f"{platform.machine()} {platform.system()} {platform.release()}",
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "loadavg_at_start": [round(x, 2) for x in load],
-        "note": "shared machine: 2 cores used by up to 5 agents; timings are indicative only",
-    }
-
-
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return None
-
-
 def write_md(res: dict, path: Path) -> None:
-    cells = res["cells"]
+    cells, m = res["cells"], res["machine"]
     spars = sorted({c["sparsity"] for c in cells})
     scorers = [s for s in res["scorers"] if any(c["scorer"] == s for c in cells)]
     lines = [
@@ -82,8 +55,9 @@ def write_md(res: dict, path: Path) -> None:
         "",
         f"Command: `{res['command']}`  ",
         f"Date: {res['date']} (finished {res.get('finished', 'not yet')}), git {res['git_sha']}  ",
-        f"Machine: {res['machine']['platform']}, {res['machine']['cpus']} CPUs, torch {res['machine']['torch']}, "
-        f"load average at start {res['machine']['loadavg_at_start']} ({res['machine']['note']})",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['os']}, torch "
+        f"{res['versions']['torch']}, load average at start {m['loadavg']} "
+        f"({'busy: timings are upper bounds' if m['busy'] else 'not busy'})",
         "",
         "Protocol: calibration = 16 random 512-token windows of wikitext2-valid (8192 tokens, seed 0, position 0 "
         "dropped); perplexity = first 16,384 tokens of wikitext2-test in 32 non-overlapping 512-token windows, "
@@ -125,6 +99,30 @@ def write_md(res: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def bench_recipe() -> Recipe:
+    """The protocol as a recipe: the model, its calibration, and the plan settings every cell shares (a cell sets
+    its method, sparsity and compensation)."""
+    pc = PROTOCOL["plan"]
+    return Recipe.model_validate({
+        "name": "prune-baselines", "seed": PROTOCOL["seed"],
+        "model": {"source": PROTOCOL["model"], "dtype": PROTOCOL["dtype"]},
+        "collect": {**PROTOCOL["calibration"], "keep_activations": True, "fallback": None},
+        "prune": {"allocation": pc["allocation"], "protected_layers": pc["protected"], "round_to": pc["round_to"],
+                  "min_width": pc["min_width"], "mode": pc["mode"], "ridge": PROTOCOL["refit_ridge"],
+                  "seed": PROTOCOL["seed"]},
+        "evaluate": None, "export": None})
+
+
+def check_scoring_settings() -> None:
+    """The plan stage scores with :class:`ScoreContext`'s own OBS and Taylor settings: the protocol must name
+    those, or its record would describe a scoring that did not happen."""
+    d = ScoreContext(model=None, adapter=None)
+    used = {"obs_steps": d.obs_steps, "taylor": {"variant": d.taylor_variant, "max_sequences": d.taylor_max_sequences,
+                                                 "batch_size": d.taylor_batch_size}}
+    if used != {"obs_steps": PROTOCOL["obs_steps"], "taylor": PROTOCOL["taylor"]}:
+        raise SystemExit(f"PROTOCOL's scoring settings differ from what fbnprune's plan stage uses: {used}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scorers", default=",".join(s for s in ["random", "magnitude", "wanda_sp", "flap", "taylor",
@@ -133,38 +131,34 @@ def main() -> None:
     ap.add_argument("--compensations", default=",".join(COMPENSATIONS))
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args()
+    check_scoring_settings()
     scorers = args.scorers.split(",")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     comps = args.compensations.split(",")
     out = Path(args.out)
     res_file = out / "results.json"
-    torch.manual_seed(0)
 
-    res = json.loads(res_file.read_text()) if res_file.is_file() else None
+    res = read_json(res_file)
     if res is None or res.get("protocol") != PROTOCOL:
         res = {"protocol": PROTOCOL, "cells": []}
-    res.update(command="nice -n 10 .venv/bin/python benchmarks/prune_baselines/run.py " + " ".join(sys.argv[1:]),
-               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_sha=git_sha(), machine=machine(),
-               scorers=list(dict.fromkeys([*res.get("scorers", []), *scorers])))
+    rec = record()
+    res.update(command=rec["command"], date=rec["date"], git_sha=rec["versions"]["git_sha"], versions=rec["versions"],
+               machine=rec["machine"], scorers=list(dict.fromkeys([*res.get("scorers", []), *scorers])))
     res.pop("finished", None)
 
     def save() -> None:
-        res_file.write_text(json.dumps(res, indent=1))
+        write_json(res_file, res, indent=1)
         write_md(res, out / "results.md")
 
-    lm = load_model(PROTOCOL["model"], dtype=PROTOCOL["dtype"])
-    model, tok = lm.model.eval(), lm.tokenizer
-    adapter = get_adapter(model)
-    c = PROTOCOL["calibration"]
-    calib = make_sequences(tok, c["source"], n_tokens=c["n_tokens"], seq_len=c["seq_len"], mode=c["mode"],
-                           seed=c["seed"])
-    store = collect(model, calib, model_info=lm.info, keep_activations=True, drop_first=c["drop_first"])
-    set_gram_cache_size(adapter.mlps(model).__len__())
     e = PROTOCOL["evaluation"]
-    toks = token_stream(tok, e["source"], e["max_tokens"])
+    bench = Bench(bench_recipe(), Protocol(seq_lens=(e["seq_len"],), ppl_source=e["source"], ppl_tokens=e["max_tokens"],
+                                           batch_tokens=e["batch_size"] * e["seq_len"], progress=False),
+                  command=rec["command"])
+    set_gram_cache_size(len(bench.base.adapter.mlps(bench.dense)))
+    share_scores()
     if "dense" not in res:
-        r = perplexity(model, toks, seq_len=e["seq_len"], batch_size=e["batch_size"], desc="dense")
-        res["dense"] = dict(r, params=count_params(model))
+        r = bench.perplexity(bench.dense, e["seq_len"], "dense")
+        res["dense"] = dict(r, params=count_params(bench.dense))
         save()
     print(f"dense ppl {res['dense']['ppl']:.3f}", flush=True)
 
@@ -186,42 +180,28 @@ def main() -> None:
                     if t == tier and (sc, sp, cp) not in done:
                         cells.append((sc, sp, cp))
     res["grid"] = [list(c) for c in sorted(done | set(cells))]
-    score_cache: dict = {}
     for sc, sp, cp in cells:
         if sc not in SCORERS:
             print(f"skip {sc}: not registered", flush=True)
             continue
         t0 = time.perf_counter()
-        key = (sc, sp if sc == "obs" else None)
-        if key not in score_cache:
-            ctx = ScoreContext(model=model, adapter=adapter, store=store, sequences=calib.sequences,
-                               seed=PROTOCOL["seed"], sparsity=sp, obs_steps=PROTOCOL["obs_steps"],
-                               ridge=PROTOCOL["refit_ridge"], taylor_variant=PROTOCOL["taylor"]["variant"],
-                               taylor_max_sequences=PROTOCOL["taylor"]["max_sequences"],
-                               taylor_batch_size=PROTOCOL["taylor"]["batch_size"])
-            score_cache[key] = (score_neurons(sc, ctx), round(time.perf_counter() - t0, 1))
-        scores, score_s = score_cache[key]
-        pc = PROTOCOL["plan"]
-        plan = make_plan(scores, sparsity=sp, model=model, adapter=adapter, allocation=pc["allocation"],
-                         protected=pc["protected"], min_width=pc["min_width"], round_to=pc["round_to"])
-        t1 = time.perf_counter()
-        m = copy.deepcopy(model)
-        rep = compensate_(m, plan, store, cp, ridge=PROTOCOL["refit_ridge"], progress=False)
-        apply_plan_(m, plan, pc["mode"])
-        r = perplexity(m, toks, seq_len=e["seq_len"], batch_size=e["batch_size"], desc=f"{sc} {sp} {cp}",
-                       progress=False)
-        cell = {"scorer": sc, "sparsity": sp, "compensate": cp, "ppl": r["ppl"], "nll": r["nll"],
-                "achieved_sparsity": plan.sparsity, "kept_width": plan.kept_widths[0],
-                "params_removed": plan.info.get("params_removed"), "score_seconds": score_s,
-                "seconds": round(time.perf_counter() - t1, 1)}
+        r = bench.prune(bench.recipe_with(method=sc, sparsity=sp, compensate=cp))
+        assert r.plan is not None
+        ppl = bench.perplexity(r.lm.model, e["seq_len"], f"{sc} {sp} {cp}")
+        score_s = r.report["seconds"]["discover"] + r.report["seconds"]["plan"]
+        cell = {"scorer": sc, "sparsity": sp, "compensate": cp, "ppl": ppl["ppl"], "nll": ppl["nll"],
+                "achieved_sparsity": r.plan.sparsity, "kept_width": r.plan.kept_widths[0],
+                "params_removed": r.plan.info.get("params_removed"), "score_seconds": round(score_s, 1),
+                "seconds": round(time.perf_counter() - t0 - score_s, 1)}
+        rep = r.report.get("compensation")
         if rep:
             lay = rep["layers"].values()
             cell["refit_rel_error_mean"] = {k: sum(x[k] for x in lay) / len(lay) for k in ("pruned", "refit")}
         res["cells"].append(cell)
         save()
-        print(f"{sc:10s} {sp:.2f} {cp:6s} ppl {r['ppl']:9.3f}  ({cell['seconds']} s)", flush=True)
-        del m
-    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        print(f"{sc:10s} {sp:.2f} {cp:6s} ppl {ppl['ppl']:9.3f}  ({cell['seconds']} s)", flush=True)
+        del r
+    res["finished"] = now()
     save()
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-from fbnprune.discover.networks import NetworkSet
-from fbnprune.prune.networks import network_neighbourhoods
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import record, write_json  # noqa: E402
+from fbnprune.discover.networks import NetworkSet  # noqa: E402
+from fbnprune.prune.networks import network_neighbourhoods  # noqa: E402
 
 
 def degrees(path: str) -> dict[str, object]:
@@ -27,22 +29,21 @@ def degrees(path: str) -> dict[str, object]:
         alone.append(float((deg == 0).float().mean()))
         size.append(float(deg[deg > 0].mean()) if bool((deg > 0).any()) else 0.0)
     model = json.loads((Path(path) / "summary.json").read_text()).get("model") or {}
-    return {"networks": Path(path).name, "model": model.get("source") if isinstance(model, dict) else model,
-            "layers": len(alone),
-            "alone_fraction": {"mean": sum(alone) / len(alone), "min": min(alone), "max": max(alone)},
-            "mean_neighbours_of_members": sum(size) / len(size), "per_layer_alone": alone,
-            "per_layer_neighbours": size}
+    out = {"networks": Path(path).name, "model": model.get("source") if isinstance(model, dict) else model,
+           "layers": len(alone),
+           "alone_fraction": {"mean": sum(alone) / len(alone), "min": min(alone), "max": max(alone)},
+           "mean_neighbours_of_members": sum(size) / len(size), "per_layer_alone": alone,
+           "per_layer_neighbours": size}
+    print(f"{out['model']}: {out['alone_fraction']['mean']:.3f} of neurons in no network (per-layer mean), "
+          f"{out['mean_neighbours_of_members']:.1f} neighbours per member", flush=True)
+    return out
 
 
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    out = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "artifacts": [degrees(p) for p in sys.argv[1:]]}
-    for a in out["artifacts"]:
-        print(f"{a['model']}: {a['alone_fraction']['mean']:.3f} of neurons in no network (per-layer mean), "
-              f"{a['mean_neighbours_of_members']:.1f} neighbours per member")
-    (Path(__file__).parent / "network_degrees.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(Path(__file__).parent / "network_degrees.json",
+               {**record(), "artifacts": [degrees(p) for p in sys.argv[1:]]}, indent=1)
 
 
 if __name__ == "__main__":

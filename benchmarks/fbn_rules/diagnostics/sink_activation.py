@@ -14,16 +14,17 @@ and a re-fit of the kept columns cannot reproduce it (docs/fbn-study.md, session
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from fbnprune.arch import get_adapter
-from fbnprune.collect import make_sequences
-from fbnprune.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import record, write_json  # noqa: E402
+from fbnprune.arch import get_adapter  # noqa: E402
+from fbnprune.collect import make_sequences  # noqa: E402
+from fbnprune.models import load_model  # noqa: E402
 
 N_SEQ = 4
 
@@ -52,6 +53,7 @@ def sink_ratios(name: str) -> dict[str, object]:
     out_r = [ratio(seen[i][1]) for i in sorted(seen)]
     in_r = [ratio(seen[i][0]) for i in sorted(seen)]
     top = max(range(len(out_r)), key=out_r.__getitem__)
+    print(f"{name}: position-0 MLP output up to {out_r[top]:.0f}x the median token (layer {top})", flush=True)
     return {"model": name, "sequences": N_SEQ, "seq_len": 512, "output_ratio": out_r, "input_ratio": in_r,
             "max_output_ratio": out_r[top], "max_layer": top}
 
@@ -59,12 +61,8 @@ def sink_ratios(name: str) -> dict[str, object]:
 def main() -> None:
     models = sys.argv[1:] or ["smollm2-135m", "gemma3-270m"]
     torch.set_num_threads(1)
-    res = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "models": [sink_ratios(m) for m in models]}
-    for r in res["models"]:
-        print(f"{r['model']}: position-0 MLP output up to {r['max_output_ratio']:.0f}x the median token "
-              f"(layer {r['max_layer']})")
-    (Path(__file__).parent / "sink_activation.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(Path(__file__).parent / "sink_activation.json", {**record(), "models": [sink_ratios(m) for m in models]},
+               indent=1)
 
 
 if __name__ == "__main__":
