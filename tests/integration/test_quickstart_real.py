@@ -15,11 +15,19 @@ from fbnprune.run import run
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "collect.n_tokens=1024",
+    # 4,096 calibration rows: the re-fit of 1,232 kept columns per layer needs more rows than columns (with
+    # 1,024 it measured pruned / dense 2.65, KL 1.93, top-1 0.32)
+    "collect.n_tokens=4096",
     "collect.seq_len=256",
     "evaluate.perplexity=[{source: wikitext2-test, seq_len: 256, max_tokens: 2048}]",
     "evaluate.retention.n_tokens=256",
     "evaluate.retention.seq_len=64",
+    "evaluate.speed=false",  # the run's speed protocol has its own tests; here it would add minutes
+    # discovery on this little text: two runs of 2,048 rows, fewer components and restarts than the reference
+    "discover.block_texts=null",
+    "discover.block_rows=2048",
+    "discover.n_components=32",
+    "discover.n_restarts=2",
 ]
 
 STOCK_RELOAD = r"""
@@ -43,11 +51,14 @@ def test_quickstart_small_end_to_end(tmp_path):
     res = report["results"]
     dense = res["dense"]["ppl_wikitext2-test_256"]["ppl"]
     pruned = res["pruned"]["ppl_wikitext2-test_256"]["ppl"]
-    assert 10 < dense < 60, dense  # SmolLM2 on WikiText-2 is ~24 at 512 tokens
-    assert dense < pruned < 3 * dense, (dense, pruned)  # 20% Wanda-sp hurts, but mildly
+    # Measured (2-core CPU, torch 2.13): dense 30.494, pruned 40.283 (ratio 1.321), KL 0.885 nats/token, top-1
+    # agreement 0.512 on 256 positions (standard error ~0.03). The bounds leave ~10% on the ratio and the KL and
+    # two standard errors on the agreement; the under-determined re-fit above fails all three.
+    assert dense == pytest.approx(30.494, rel=0.01)
+    assert dense < pruned < 1.45 * dense, (dense, pruned)
     assert res["plan"]["kept_widths"] == [1232] * 30
     assert res["pruned"]["params"] < res["dense"]["params"]
-    assert 0 < res["pruned"]["retention"]["kl"] < 2 and res["pruned"]["retention"]["top1_agreement"] > 0.5
+    assert 0 < res["pruned"]["retention"]["kl"] < 1.0 and res["pruned"]["retention"]["top1_agreement"] > 0.45
     for name in ("report.json", "keep_plan.json", "recipe.yaml", "model/config.json", "model/model.safetensors",
                  "model/fbnprune_provenance.json", "model/tokenizer.json"):
         assert (out / name).is_file(), name
@@ -68,7 +79,8 @@ def test_quickstart_small_end_to_end(tmp_path):
 def test_data_free_fallback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FBNPRUNE_DATA", str(tmp_path / "no-data-here"))
     out = tmp_path / "run"
-    report = run(load_recipe("quickstart", [*SMALL, "collect.n_tokens=512", "export.enabled=false"]), output_dir=out)
+    report = run(load_recipe("quickstart", [*SMALL, "collect.n_tokens=512", "discover.block_rows=512",
+                                            "export.enabled=false"]), output_dir=out)
     notes = " ".join(report["notes"])
     assert "data-free" in notes and "skipping perplexity" in notes
     assert report["calibration"]["source"].startswith("self(")
