@@ -42,12 +42,6 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
 
 
-# Cases over ~10 s on the 2-core development machine under load (12-15 s; the rest 5-9 s) run in the integration
-# tier; the fast tier keeps every scorer family, fbn's default rule and each kind of compensation but the
-# network-based re-fits.
-SLOW = pytest.mark.integration
-
-
 @pytest.mark.parametrize(
     "prune",
     [
@@ -58,11 +52,11 @@ SLOW = pytest.mark.integration
         {"method": "taylor"},
         {"method": "obs", "compensate": "refit"},
         {"method": "fbn"},
-        pytest.param({"method": "fbn", "fbn_rule": "max_z"}, marks=SLOW),
-        pytest.param({"method": "fbn", "fbn_rule": "recurrence", "allocation": "global"}, marks=SLOW),
-        pytest.param({"method": "corr_redundancy"}, marks=SLOW),
-        pytest.param({"method": "wanda_sp", "compensate": "netrefit", "protected_layers": [0]}, marks=SLOW),
-        pytest.param({"method": "wanda_sp", "compensate": "corrrefit"}, marks=SLOW),
+        {"method": "fbn", "fbn_rule": "max_z"},
+        {"method": "fbn", "fbn_rule": "recurrence", "allocation": "global"},
+        {"method": "corr_redundancy"},
+        {"method": "wanda_sp", "compensate": "netrefit", "protected_layers": [0]},
+        {"method": "wanda_sp", "compensate": "corrrefit"},
         {"method": "wanda_sp", "compensate": "anchored"},
     ],
     ids=lambda d: "-".join(str(v) for v in d.values()),
@@ -72,7 +66,7 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune, monkeypatch):
 
     import fbnprune.evaluate.speed as speed_mod
 
-    # the run's own protocol (64 tokens, 4 repeats per model) takes ~20 s on the tiny model on two busy cores
+    # the run's own protocol (64 tokens, 4 repeats per model) took ~20 s here (tiny model, two threads, two busy cores)
     monkeypatch.setattr(speed_mod, "paired_generation_speed",
                         functools.partial(speed_mod.paired_generation_speed, new_tokens=8, repeats=2))
     out = tmp_path / "out"

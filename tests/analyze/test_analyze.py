@@ -197,7 +197,6 @@ def test_verdicts_follow_the_stated_rules():
     assert v["recurrence"] == "partly" and v["keep-only"] == "partly"
 
 
-@pytest.mark.integration  # 6-21 s on two busy cores (discovery, 20 conditions, figures)
 def test_analyze_command_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     from fbnprune.cli import main
 
