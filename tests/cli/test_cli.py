@@ -61,10 +61,11 @@ def test_unsupported_architecture_fails_cleanly(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_module_entry_point_exit_code():
-    """One fresh interpreter (4-9 s) proves `python -m fbnprune` turns a user error into exit code 2."""
-    r = subprocess.run([sys.executable, "-m", "fbnprune", "run", "quickstart", "model.source=nope"],
-                       capture_output=True, text=True, timeout=120)
+def test_module_entry_point_exit_code(tmp_path):
+    """One fresh interpreter (4-9 s) proves `python -m fbnprune` turns a user error into exit code 2. The output
+    goes to a fresh directory: the default one may hold an earlier `make run`, which is refused first."""
+    r = subprocess.run([sys.executable, "-m", "fbnprune", "run", "quickstart", "model.source=nope",
+                        f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("fbnprune: error: unknown built-in model 'nope'")
 
