@@ -23,7 +23,7 @@ from fbnprune.collect.sources import DATA_FILES
 from fbnprune.discover import DiscoverConfig, overview, run_discovery
 from fbnprune.errors import UserError
 from fbnprune.evaluate import next_token_agreement, perplexity
-from fbnprune.evaluate.ppl import context_ratio_warning, token_stream
+from fbnprune.evaluate.ppl import context_warnings, token_stream
 from fbnprune.export.hf import atomic_dir, export_hf
 from fbnprune.models import LoadedModel, load_model
 from fbnprune.models.feed import feed_info
@@ -211,11 +211,11 @@ def evaluate_model(r: Run, model: Any, label: str, ppl_inputs: list[tuple[Any, t
         say(f"{label} perplexity ({pc.source}, {out['windows']} windows x {pc.seq_len} tokens"
             f"{', each after <bos>' if out['bos'] else ''}): {out['ppl']:.3f}")
     if label == "dense":
-        for source in dict.fromkeys(pc.source for pc, _ in ppl_inputs):
-            lens = {pc.seq_len: res[f"ppl_{source}_{pc.seq_len}"]["ppl"] for pc, _ in ppl_inputs if pc.source == source}
-            warning = context_ratio_warning(lens)
-            if warning:
-                r.note(f"warning: {source}: {warning}")
+        by_source: dict[str, dict[int, float]] = {}
+        for pc, _ in ppl_inputs:
+            by_source.setdefault(pc.source, {})[pc.seq_len] = res[f"ppl_{pc.source}_{pc.seq_len}"]["ppl"]
+        for warning in context_warnings(by_source):
+            r.note(f"warning: {warning}")
     if ev is not None and ev.tasks:
         from fbnprune.evaluate.harness import evaluate_tasks
 

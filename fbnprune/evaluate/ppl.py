@@ -178,3 +178,10 @@ def context_ratio_warning(ppl_by_len: dict[int, float]) -> str | None:
         return None
     return (f"dense ppl@{short} / ppl@{long} = {ratio:.1f}, above the {PLAUSIBLE_CONTEXT_RATIO:g} a healthy model "
             f"stays under: check how text enters the model (its start tokens, its positions) before comparing")
+
+
+def context_warnings(ppl_by_source: dict[str, dict[int, float]]) -> list[str]:
+    """:func:`context_ratio_warning` for each text source (``{source: {seq_len: ppl}}``), as ``"source: warning"``
+    lines, so the run's output and its report say the same thing."""
+    found = ((src, context_ratio_warning(v)) for src, v in sorted(ppl_by_source.items()))
+    return [f"{src}: {w}" for src, w in found if w]

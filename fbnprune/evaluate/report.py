@@ -96,16 +96,13 @@ def retention_report(dense_results: dict[str, Any], pruned_results: dict[str, An
 
 
 def _context_warnings(dense_ppl: dict[str, Any]) -> list[str]:
-    """The implausible-context check of :func:`fbnprune.evaluate.ppl.context_ratio_warning`, per text source
-    (labels are ``source@seq_len``)."""
-    from fbnprune.evaluate.ppl import context_ratio_warning
+    """:func:`fbnprune.evaluate.ppl.context_warnings` on the dense perplexities (labels are ``source@seq_len``)."""
+    from fbnprune.evaluate.ppl import context_warnings
 
     by_source: dict[str, dict[int, float]] = {}
     for label, res in dense_ppl.items():
-        source = label.rsplit("@", 1)[0]
-        by_source.setdefault(source, {})[int(res["seq_len"])] = float(res["ppl"])
-    found = ((src, context_ratio_warning(v)) for src, v in sorted(by_source.items()))
-    return [f"{src}: {w}" for src, w in found if w]
+        by_source.setdefault(label.rsplit("@", 1)[0], {})[int(res["seq_len"])] = float(res["ppl"])
+    return context_warnings(by_source)
 
 
 def _mean(xs: list[float | None]) -> float | None:
