@@ -96,15 +96,18 @@ def collect_stage(r: Run) -> None:
                              seed=c.seed, model=r.lm.model)
     say(f"calibration: {r.calib.n_tokens} tokens from {r.calib.source} ({len(r.calib.sequences)} sequences"
         f"{', each starting with <bos>' if r.calib.start else ''})")
+    r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, **feed_info(r.calib.start),
+                               "sha256": r.calib.sha256}
+    if r.recipe.prune.sequential:  # activations are captured layer by layer, from the pruned model
+        return
     r.store = collect(r.lm.model, r.calib, model_info=r.lm.info, batch_size=c.batch_size,
                       keep_activations=c.keep_activations, drop_first=c.drop_first)
-    r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, "rows": r.store.n_rows,
-                               **feed_info(r.calib.start), "sha256": r.calib.sha256, "store": str(r.store.path)}
+    r.report["calibration"].update(rows=r.store.n_rows, store=str(r.store.path))
 
 
 def discover_stage(r: Run) -> None:
     p = r.recipe.prune
-    if not needs(p.method, p.compensate, p.fbn_rule).networks:
+    if not needs(p.method, p.compensate, p.fbn_rule).networks or p.sequential:  # sequential: found per layer
         return
     if r.store is None:
         raise UserError("prune.method fbn needs a collect section")
@@ -140,7 +143,10 @@ def plan_stage(r: Run) -> KeepPlan:
     ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,
                        sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, sparsity=sparsity,
                        ridge=p.ridge, fbn_rule=p.fbn_rule, networks=r.networks, discover=r.recipe.discover)
-    scores = score_neurons(p.method, ctx)
+    # sequential mode scores each layer only once the layers before it are pruned: plan the widths here
+    # (protected layers, budget), the neurons in prune_stage
+    scores = ([torch.zeros(r.adapter.width(m), dtype=torch.float64) for m in r.adapter.mlps(model)]
+              if p.sequential else score_neurons(p.method, ctx))
     protected = p.protected_layers
     if protected == "auto" and r.calib is None:
         if "protected_layers" in p.model_fields_set:
@@ -174,18 +180,46 @@ def plan_stage(r: Run) -> KeepPlan:
     return r.plan
 
 
+def sequential_stage(r: Run) -> None:
+    """Prune layer by layer (``prune.sequential``): the widths of ``r.plan``, the neurons chosen per layer."""
+    from fbnprune.paths import cache_dir
+    from fbnprune.prune.sequential import InMemoryLayers, SequentialOptions, prune_sequential, work_key
+
+    assert r.plan is not None and r.calib is not None and r.recipe.collect is not None
+    p, c = r.recipe.prune, r.recipe.collect
+    opts = SequentialOptions(
+        method=p.method, sparsity=r.plan.sparsity, compensate=p.compensate, refit_target=p.refit_target,
+        ridge=p.ridge, fbn_rule=p.fbn_rule, discover=r.recipe.discover, protected=tuple(r.plan.info["protected"]),
+        min_width=p.min_width, round_to=p.round_to, mode=p.mode, seed=p.seed, batch_size=c.batch_size,
+        drop_first=c.drop_first, kept_widths=tuple(r.plan.kept_widths))
+    model_id = str(r.lm.info.get("sha256") or r.lm.info.get("source"))
+    work = cache_dir() / "sequential" / work_key(model_id, r.calib.sha256, opts)
+    if (work / "stream.pt").is_file():
+        r.note(f"sequential: resuming an interrupted run from {work}")
+    res = prune_sequential(InMemoryLayers(r.lm.model, r.adapter), r.calib.sequences, opts, work,
+                           device=r.recipe.model.device, doc_ids=r.calib.doc_ids)
+    info = {**r.plan.info, **res.plan.info, "method": p.method}
+    r.plan = res.plan
+    r.plan.info = info
+    r.report["sequential"] = res.report()
+
+
 def prune_stage(r: Run) -> None:
     """Compensate (optional) and apply the plan in place; the dense copy stays for retention metrics."""
     assert r.plan is not None
     p = r.recipe.prune
     before = count_params(r.lm.model)
-    comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, ridge=p.ridge,
-                       method=p.method, fbn_rule=p.fbn_rule)
-    if comp:
-        r.report["compensation"] = comp
-    apply_plan_(r.lm.model, r.plan, mode=p.mode)
+    if p.sequential:
+        sequential_stage(r)
+    else:
+        comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, ridge=p.ridge,
+                           method=p.method, fbn_rule=p.fbn_rule)
+        if comp:
+            r.report["compensation"] = comp
+        apply_plan_(r.lm.model, r.plan, mode=p.mode)
     after = count_params(r.lm.model)
-    say(f"pruned with {p.method!r}{'' if p.compensate == 'none' else ' + ' + p.compensate}: "
+    say(f"pruned {'layer by layer ' if p.sequential else ''}with {p.method!r}"
+        f"{'' if p.compensate == 'none' else ' + ' + p.compensate}: "
         f"{r.plan.sparsity:.2%} of MLP neurons removed (widths {sorted(set(r.plan.kept_widths))}), "
         f"params {before:,} -> {after:,}")
     r.report.setdefault("results", {})["plan"] = {k: v for k, v in r.plan.to_json().items() if k != "keep"}

@@ -58,6 +58,10 @@ def private_cache(tmp_path, monkeypatch):
         {"method": "wanda_sp", "compensate": "netrefit", "protected_layers": [0]},
         {"method": "wanda_sp", "compensate": "corrrefit"},
         {"method": "wanda_sp", "compensate": "anchored"},
+        {"method": "obs", "compensate": "refit", "sequential": True},
+        {"method": "obs", "compensate": "refit", "sequential": True, "refit_target": "layer"},
+        {"method": "fbn", "sequential": True},
+        {"method": "wanda_sp", "compensate": "netrefit", "sequential": True, "protected_layers": [0]},
     ],
     ids=lambda d: "-".join(str(v) for v in d.values()),
 )
@@ -80,6 +84,11 @@ def test_every_method_end_to_end(tiny_env, tmp_path, prune, monkeypatch):
     assert 0 <= res["pruned"]["retention"]["kl"] and 0 <= res["pruned"]["retention"]["top1_agreement"] <= 1
     plan = json.loads((out / "keep_plan.json").read_text())
     assert abs(plan["sparsity"] - 0.25) < 0.07
+    if prune.get("sequential"):  # per-layer errors against the dense model, measured on the calibration text
+        seq = report["sequential"]
+        whole = [w == 128 for w in plan["kept_widths"]]  # protected layer 0 is exact; a pruned layer is not
+        assert (seq["mlp_error"][0] == 0) == whole[0] and all(e > 0 for e, k in zip(seq["mlp_error"], whole, strict=True) if not k)
+        assert plan["info"]["sequential"] and plan["info"]["method"] == prune["method"]
     manifest = json.loads((out / "model" / "fbnprune_export.json").read_text())
     uniform = len(set(plan["kept_widths"])) == 1  # protected layers keep their width: non-uniform
     if "protected_layers" in prune:

@@ -190,7 +190,8 @@ LayerSolve = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[tor
 
 
 def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float, solve: LayerSolve,
-                   progress: bool = False, report: dict[str, Any] | None = None) -> dict[str, Any]:
+                   progress: bool = False, report: dict[str, Any] | None = None, errors: bool = True
+                   ) -> dict[str, Any]:
     """The per-layer loop every re-fit shares: ``solve`` gives a layer's new kept columns and bias, written here in
     place; a layer with nothing pruned gets a zero bias. Returns the report with per-layer relative errors."""
     adapter = _check(model, plan, store)
@@ -207,7 +208,7 @@ def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ri
         g = augmented_gram(store, i)
         w64 = w.detach().double().cpu()  # (d, width)
         cols, delta, extra = solve(i, g, w64, keep)
-        report["layers"][i] = {**rel_errors(g, w64, keep, cols, delta), **extra}
+        report["layers"][i] = {**(rel_errors(g, w64, keep, cols, delta) if errors else {}), **extra}
         w[:, keep.to(w.device)] = cols.to(dtype=w.dtype, device=w.device)
         adapter.add_down_bias_(mlp, delta)
     mark_bias(model, adapter, "refit")
@@ -216,13 +217,16 @@ def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ri
 
 @torch.no_grad()
 def refit_compensation_(
-    model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float = 1e-3, progress: bool = True
+    model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float = 1e-3, progress: bool = True,
+    cross: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Re-fit the kept down-projection columns and a bias by ridge least squares (in place, before pruning).
 
     Per layer with pruned neurons: ``min_{W', b} ||H W^T - (H_K W'^T + 1 b^T)||^2 + lam ||W'||^2`` with
     ``lam = ridge * mean(diag(H_K^T H_K))``; solved from the augmented Gram matrix of the stored activations.
     Returns per-layer relative output errors on the calibration data (before -> after), for reports.
+    ``cross[i]`` (:func:`fbnprune.prune.refit.ridge_refit`) re-targets layer ``i`` at other activations' output
+    (sequential pruning's dense target); its errors are then measured by the caller, not reported here.
     """
     _check(model, plan, store)
     assert store is not None
@@ -238,9 +242,9 @@ def refit_compensation_(
         report["warning"] = "under-determined: fewer calibration rows than 2x the MLP width"
 
     def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
-        return (*ridge_refit(g, w64, keep, ridge), {})
+        return (*ridge_refit(g, w64, keep, ridge, None if cross is None else cross.get(i)), {})
 
-    return _refit_layers_(model, plan, store, ridge, solve, progress, report)
+    return _refit_layers_(model, plan, store, ridge, solve, progress, report, errors=cross is None)
 
 
 @torch.no_grad()

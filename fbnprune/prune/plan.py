@@ -260,7 +260,7 @@ def make_plan(
     keep = []
     for i, s in enumerate(scores):
         k = kept.get(i, widths[i])
-        keep.append(_top_k(s, k))
+        keep.append(top_k(s, k))
     plan = KeepPlan(widths=widths, keep=keep)
     removed = total - sum(plan.kept_widths)
     plan.info.update(
@@ -279,7 +279,7 @@ def make_plan(
     return plan
 
 
-def _top_k(s: torch.Tensor, k: int) -> torch.Tensor:
+def top_k(s: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` highest scores, sorted; ties go to the lower index (deterministic)."""
     if k >= s.numel():
         return torch.arange(s.numel())

@@ -20,12 +20,17 @@ import torch
 from fbnprune.prune.gram import abs_correlation, ridge_solve
 
 
-def ridge_refit(g: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_refit(g: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, ridge: float,
+                cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """New kept columns ``(d, k)`` and bias ``(d,)`` reproducing ``H W^T`` from ``H_K``, ridge toward zero
-    (``lam = ridge * mean diag(H_K^T H_K)``)."""
+    (``lam = ridge * mean diag(H_K^T H_K)``).
+
+    ``cross = [H, 1]^T T`` ``(N+1, N)`` changes the target to ``T W^T`` for other activations ``T`` of the same
+    tokens: sequential pruning passes the dense model's activations, so the fit also undoes earlier layers' error.
+    """
     width = w.shape[1]
     idx = torch.cat([keep, torch.tensor([width])])  # kept neurons + the bias input
-    rhs = g[idx, :width] @ w.T  # [H_K, 1]^T H W^T, (k+1, d)
+    rhs = (g[idx, :width] if cross is None else cross[idx]) @ w.T  # [H_K, 1]^T T W^T, (k+1, d)
     x = ridge_solve(g, rhs, idx, ridge)  # (k+1, d)
     return x[:-1].T, x[-1]
 

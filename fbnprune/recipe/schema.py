@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fbnprune.discover.config import DiscoverConfig
 from fbnprune.errors import UserError
 from fbnprune.prune import COMPENSATIONS, DEFAULT_RULE, FBN_RULES, SCORERS, default_compensation, needs
+from fbnprune.prune.sequential import NOT_SEQUENTIAL
 from fbnprune.registry import Registry
 
 
@@ -90,6 +91,13 @@ class PruneConfig(Strict):
     ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit, netrefit and corrrefit "
                          "compensations and of the obs / redundancy eliminations (anchored has its own, 0.1)")
     seed: int = 0
+    sequential: bool = Field(
+        False, description="prune layer by layer, each layer calibrated on the outputs of the already-pruned "
+        "layers before it (fbnprune.prune.sequential; docs/pruning.md says when it pays)")
+    refit_target: Literal["dense", "layer"] = Field(
+        "dense", description="sequential mode, refit compensation: 'dense' re-fits each layer towards the dense "
+        "model's own MLP output (corrects earlier layers' error); 'layer' towards the dense weights' output on the "
+        "pruned model's inputs")
 
     @field_validator("method")
     @classmethod
@@ -114,6 +122,13 @@ class PruneConfig(Strict):
             self.__dict__["sparsity"] = None
         if (self.sparsity is None) == (self.param_fraction is None):
             raise ValueError("give exactly one of sparsity or param_fraction")
+        if self.sequential:
+            if self.allocation != "uniform":
+                raise ValueError("sequential: true needs allocation: uniform (a global allocation ranks every "
+                                 "layer's neurons at once, before any layer is pruned)")
+            if SCORERS.canonical(self.method) in NOT_SEQUENTIAL:
+                raise ValueError(f"method {self.method!r} needs gradients through the whole model and cannot run "
+                                 "layer by layer: use sequential: false")
         return self
 
 
@@ -222,6 +237,8 @@ class Recipe(Strict):
                     f"prune.method {p.method!r} / compensate {p.compensate!r} need stored "
                     "activations: set collect.keep_activations: true"
                 )
+        if p.sequential and self.collect is None:
+            raise ValueError("prune.sequential needs calibration text to run the layers on: add a collect section")
         uses_networks = needs(p.method, p.compensate, p.fbn_rule).networks
         if self.discover is not None and not uses_networks and self.analyze is None:
             raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit and analyze")

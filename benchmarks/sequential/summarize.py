@@ -1,0 +1,137 @@
+"""Tables, ``results.json`` and the error-by-layer figure from the cells of ``run.py`` and ``memory.json``.
+
+    python benchmarks/sequential/summarize.py
+
+``results.json`` holds one row per measured cell (``model``, ``method``, ``compensate``, ``sparsity``, ``mode``,
+``refit_target``, ``ppl2048``, ``dense_ppl2048``, ``ppl128``, ``kl``, ``top1``, ``peak_rss_mb`` where the memory
+benchmark measured that model and mode), the memory rows (the synthetic model's ``weights_mb`` and
+``peak_rss_mb`` among them), and the commands and machines. ``results.md`` gives, per model and method, the
+increase over dense of ppl@2048 and KL in each mode, and how much of the parallel increase sequential removes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from benchmarks.runner import record, write_json  # noqa: E402
+
+MODE_NAMES = {"parallel": "parallel", "seq-dense": "sequential", "seq-layer": "sequential"}
+TARGETS = {"parallel": None, "seq-dense": "dense", "seq-layer": "layer"}
+MEMORY_MODE = {"parallel": "parallel", "seq-dense": "sequential"}  # the memory runs use the dense target
+
+
+def load_cells() -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in sorted((HERE / "results").glob("*")):
+        if d.is_dir():
+            out[d.name] = {f.stem: json.loads(f.read_text()) for f in sorted(d.glob("*.json"))}
+    return out
+
+
+def rows(cells: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for model, cs in cells.items():
+        dense = cs.get("dense")
+        if dense is None:
+            continue
+        mem = {r["mode"]: r for r in memory.get("runs", {}).get(model, {}).get("rows", [])}
+        for name, c in cs.items():
+            if name == "dense":
+                continue
+            e = c["eval"]
+            measured_mem = c["grid_cell"] == "obs-refit-50" and c["mode"] in MEMORY_MODE
+            out.append({
+                "model": model, "cell": c["grid_cell"], "method": c["method"], "compensate": c["compensate"],
+                "sparsity": round(c["sparsity"], 4), "mode": MODE_NAMES[c["mode"]],
+                "refit_target": TARGETS[c["mode"]] if c["compensate"] == "refit" else None,
+                "ppl2048": e["ppl2048"]["ppl"], "dense_ppl2048": dense["eval"]["ppl2048"]["ppl"],
+                "ppl128": e["ppl128"]["ppl"], "dense_ppl128": dense["eval"]["ppl128"]["ppl"],
+                "kl": e["retention"]["kl"], "top1": e["retention"]["top1_agreement"],
+                "last_layer_hidden_error": c["layer_errors"]["hidden_error"][-1],
+                "peak_rss_mb": (mem.get(MEMORY_MODE[c["mode"]]) or {}).get("peak_rss_mb") if measured_mem else None,
+                "prune_seconds": c["prune_seconds"], "command": c["command"], "machine": c["machine"],
+            })
+    return out
+
+
+def table(rs: list[dict[str, Any]]) -> str:
+    """Per model and grid cell: each mode's ppl@2048 and KL, and the share of the parallel increase removed."""
+    lines = []
+    for model in sorted({r["model"] for r in rs}):
+        m = [r for r in rs if r["model"] == model]
+        dense = m[0]["dense_ppl2048"]
+        lines += [f"### {model} (dense ppl@2048 {dense:.2f})", "",
+                  "| cell | parallel ppl@2048 / KL | sequential, dense target | sequential, layer target | "
+                  "increase removed (ppl / KL) |", "|---|---|---|---|---|"]
+        for cell in sorted({r["cell"] for r in m}, key=lambda c: (c.rsplit("-", 1)[0], int(c.rsplit("-", 1)[1]))):
+            by = {(r["mode"], r["refit_target"]): r for r in m if r["cell"] == cell}
+            par = by.get(("parallel", None))
+            seqd = by.get(("sequential", "dense")) or by.get(("sequential", None))
+            seql = by.get(("sequential", "layer"))
+
+            def fmt(r: dict[str, Any] | None) -> str:
+                return f"{r['ppl2048']:.2f} / {r['kl']:.3f}" if r else "-"
+
+            gain = "-"
+            if par and seqd:
+                g_ppl = 1 - (seqd["ppl2048"] - dense) / (par["ppl2048"] - dense)
+                g_kl = 1 - seqd["kl"] / par["kl"]
+                gain = f"{g_ppl:+.0%} / {g_kl:+.0%}"
+            lines.append(f"| {cell} | {fmt(par)} | {fmt(seqd)} | {fmt(seql)} | {gain} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(cells: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """Residual-stream error by layer, parallel vs sequential, for every 50 % cell measured both ways."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in cells if any(k.endswith("-50@seq-dense") for k in cells[m])]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for name, c in sorted(cells[model].items()):
+            if name == "dense" or not c["grid_cell"].endswith("-50"):
+                continue
+            err = c["layer_errors"]["hidden_error"]
+            style = {"parallel": "-", "seq-dense": "--", "seq-layer": ":"}[c["mode"]]
+            ax.plot(range(len(err)), err, style, label=name)
+        ax.set_title(f"{model}, 50 % of MLP neurons")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative error of the residual stream\n(calibration tokens, vs dense)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    cells = load_cells()
+    mem_file = HERE / "memory.json"
+    memory = json.loads(mem_file.read_text()) if mem_file.is_file() else {"runs": {}}
+    rs = rows(cells, memory)
+    mem_rows = [r for run in memory.get("runs", {}).values() for r in run["rows"]]
+    write_json(HERE / "results.json", {"rows": rs, "memory": mem_rows,
+                                       "memory_runs": {k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+                                                       for k, v in memory.get("runs", {}).items()},
+                                       "summarized": record()})
+    (HERE / "results.md").write_text("# Parallel vs sequential pruning (generated by summarize.py)\n\n"
+                                     + table(rs))
+    figure(cells, HERE / "layer_errors.png")
+    print(table(rs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
