@@ -82,6 +82,18 @@ def test_run_reports_before_and_after_recovery(tiny_env, tmp_path):
     assert perplexity(stock, toks, seq_len=32, progress=False)["ppl"] == pytest.approx(after[key]["ppl"], rel=1e-5)
 
 
+def test_export_command_recovers_without_evaluating(tiny_env, tmp_path):
+    from fbnprune.cli import main
+
+    out = tmp_path / "e"
+    assert main(["export", str(recipe_file(tiny_env, tmp_path, max_tokens=4 * 32 * 2)), "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["steps"] == 2 and report["results"]["recovery"]["before"] == {}
+    assert "dense" not in report["results"] and (out / "model" / "config.json").is_file()
+    assert main(["prune", str(recipe_file(tiny_env, tmp_path)), "-o", str(tmp_path / "p")]) == 0
+    assert "recovery" not in json.loads((tmp_path / "p" / "report.json").read_text())  # a keep plan only
+
+
 def test_a_source_with_too_little_text_fails_before_any_work(tiny_env, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the a of and to in is was\n")
