@@ -82,6 +82,17 @@ def test_run_reports_before_and_after_recovery(tiny_env, tmp_path):
     assert perplexity(stock, toks, seq_len=32, progress=False)["ppl"] == pytest.approx(after[key]["ppl"], rel=1e-5)
 
 
+def test_network_loss_runs_discovery_for_a_method_without_networks(tiny_env, tmp_path):
+    data = yaml.safe_load(recipe_file(tiny_env, tmp_path, network_weight=1.0, max_tokens=4 * 32 * 3).read_text())
+    data["collect"]["keep_activations"] = True
+    data["discover"] = {"n_components": 8, "n_restarts": 2, "block_texts": None, "block_rows": 128}
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump(data))
+    report = run(load_recipe(tmp_path / "n.yaml"), output_dir=tmp_path / "o", evaluate=False)
+    assert report["networks"]["runs_ok"] >= 1  # flap needs no networks: discovery ran for the recover stage
+    assert report["recovery"]["curve_columns"][4:] == ["kl", "network"]
+    assert all(row[5] > 0 for row in report["recovery"]["curve"])
+
+
 def test_export_command_recovers_without_evaluating(tiny_env, tmp_path):
     from fbnprune.cli import main
 
