@@ -33,7 +33,7 @@ from fbnprune.prune import KeepPlan, ScoreContext, apply_plan_, compensate_, mak
 from fbnprune.prune.plan import count_params, params_per_neuron
 from fbnprune.prune.protect import auto_protected_layers
 from fbnprune.recipe.load import dump_recipe
-from fbnprune.recipe.schema import Recipe
+from fbnprune.recipe.schema import Recipe, recover_uses_networks
 
 STAGES = ("collect", "discover", "prune", "evaluate", "export")
 
@@ -60,6 +60,8 @@ class Run:
     networks: Any = None
     plan: KeepPlan | None = None
     dense: Any = None
+    recover_text: Any = None  # training text of the recover stage, made right after loading (fails fast)
+    held: TokenBatch | None = None  # held-out text of the retention metrics, made once
 
     def note(self, msg: str) -> None:
         say(msg)
@@ -98,7 +100,7 @@ def collect_stage(r: Run) -> None:
         f"{', each starting with <bos>' if r.calib.start else ''})")
     r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, **feed_info(r.calib.start),
                                "sha256": r.calib.sha256}
-    if r.recipe.prune.sequential:  # activations are captured layer by layer, from the pruned model
+    if r.recipe.prune.sequential and not recover_uses_networks(r.recipe):  # captured layer by layer instead
         return
     r.store = collect(r.lm.model, r.calib, model_info=r.lm.info, batch_size=c.batch_size,
                       keep_activations=c.keep_activations, drop_first=c.drop_first)
@@ -107,7 +109,9 @@ def collect_stage(r: Run) -> None:
 
 def discover_stage(r: Run) -> None:
     p = r.recipe.prune
-    if not needs(p.method, p.compensate, p.fbn_rule).networks or p.sequential:  # sequential: found per layer
+    # sequential pruning finds its networks layer by layer, on the pruned model's activations
+    prune_needs = needs(p.method, p.compensate, p.fbn_rule).networks and not p.sequential
+    if not prune_needs and not recover_uses_networks(r.recipe):
         return
     if r.store is None:
         raise UserError("prune.method fbn needs a collect section")
@@ -225,6 +229,50 @@ def prune_stage(r: Run) -> None:
     r.report.setdefault("results", {})["plan"] = {k: v for k, v in r.plan.to_json().items() if k != "keep"}
 
 
+# ------------------------------------------------------------------------------------------------ recover
+def recover_text_stage(r: Run) -> None:
+    """The recover stage's training text, made right after loading: a bad source fails before anything costly."""
+    from fbnprune.recover import training_text
+
+    cfg = r.recipe.recover
+    assert cfg is not None
+    ev = r.recipe.evaluate
+    r.recover_text = training_text(r.lm.tokenizer, cfg, model=r.lm.model,
+                                   exclude=[pc.source for pc in ev.perplexity] if ev else [])
+    info = r.recover_text.info()
+    say(f"recovery text: {info['tokens']} tokens in {info['sequences']} windows of {info['seq_len']} from "
+        + ", ".join(s["source"] for s in info["sources"]))
+
+
+def recover_stage(r: Run, ppl_inputs: list[tuple[Any, torch.Tensor]], evaluating: bool) -> None:
+    """Distil the dense model into the pruned one in place; perplexity and KL are measured before, for the report
+    (after: the evaluate stage measures the recovered model as the pruned one)."""
+    from fbnprune.recover import recover_
+    from fbnprune.recover.report import spent
+
+    cfg = r.recipe.recover
+    assert cfg is not None
+    before: dict[str, Any] = {}
+    for pc, toks in ppl_inputs:
+        out = perplexity(r.lm.model, toks, seq_len=pc.seq_len, batch_size=pc.batch_size,
+                         desc="before recovery perplexity")
+        before[f"ppl_{pc.source}_{pc.seq_len}"] = out
+        say(f"before recovery perplexity ({pc.source}@{pc.seq_len}): {out['ppl']:.3f}")
+    ev = r.recipe.evaluate
+    if evaluating and ev is not None and ev.retention is not None:
+        before["retention"] = agreement(r, r.lm.model)
+        say(f"before recovery KL(dense||pruned) = {before['retention']['kl']:.4f} nats/token")
+    record = recover_(r.dense, r.lm.model, r.lm.tokenizer, cfg, text=r.recover_text, plan=r.plan,
+                      networks=r.networks)
+    r.report["recovery"] = record
+    r.report.setdefault("results", {})["recovery"] = {"before": before, "training": spent(record)}
+    if record["resumed_from_step"] is not None:
+        r.note(f"recovery resumed from the checkpoint of step {record['resumed_from_step']}")
+    say(f"recovered ({cfg.method}): {record['steps']} steps, {record['tokens']:,} tokens in {record['minutes']:.2f} "
+        f"min ({record['tokens_per_s']} tokens/s, stopped by {record['stop']}), loss {record['loss_start']} -> "
+        f"{record['loss_end']}")
+
+
 def _ppl_inputs(r: Run) -> list[tuple[Any, torch.Tensor]]:
     ev = r.recipe.evaluate
     out = []
@@ -276,18 +324,51 @@ def retention_report_stage(r: Run, ppl_inputs: list[tuple[Any, torch.Tensor]]) -
         dense_ppl={v: d[k] for k, v in lab.items()}, pruned_ppl={v: p[k] for k, v in lab.items()},
         agreement=p.get("retention"),
     )
+    if "recovery" in res:
+        from fbnprune.recover.report import before_after_rows
+
+        res["recovery"]["rows"] = before_after_rows(res, lab)
+        r.report["retention"]["recovery"] = res["recovery"]
+
+
+def retention_markdown(report: dict[str, Any]) -> str:
+    """The retention report as Markdown, with the before / after recovery table when the run recovered."""
+    from fbnprune.evaluate.report import to_markdown
+
+    text = to_markdown(report["retention"])
+    rec = report["retention"].get("recovery")
+    if rec:
+        from fbnprune.recover.report import to_markdown as recovery_markdown
+
+        text += "\n" + recovery_markdown(rec["rows"], rec["training"]) + "\n"
+    return text
+
+
+def held_out(r: Run) -> TokenBatch:
+    """The retention metrics' held-out text (sampled from the dense model for ``self``), made once per run."""
+    if r.held is None:
+        rc = r.recipe.evaluate.retention
+        src = rc.source if (r.have_data or not needs_data(rc.source)) else "self"
+        r.held = make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed,
+                                model=r.dense)
+    return r.held
+
+
+def agreement(r: Run, model: Any) -> dict[str, Any]:
+    """KL(dense || model) and top-1 agreement on the held-out text."""
+    held = held_out(r)
+    out = next_token_agreement(r.dense, model, held.sequences)
+    out["source"] = held.source
+    out.update(feed_info(held.start))
+    return out
 
 
 def retention_stage(r: Run) -> None:
     ev = r.recipe.evaluate
     if ev is None or ev.retention is None or r.dense is None:
         return
-    rc = ev.retention
-    src = rc.source if (r.have_data or not needs_data(rc.source)) else "self"
-    held = make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed, model=r.dense)
-    out = next_token_agreement(r.dense, r.lm.model, held.sequences)
-    out["source"] = held.source
-    out.update(feed_info(held.start))
+    out = agreement(r, r.lm.model)
+    held = held_out(r)
     r.report["results"]["pruned"]["retention"] = out
     say(f"data-free retention on {held.n_tokens} held-out tokens from {held.source}: "
         f"KL(dense||pruned) = {out['kl']:.4f} nats/token, top-1 agreement = {out['top1_agreement']:.2%}")
@@ -307,9 +388,11 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
         (tmp / "report.json").write_text(json.dumps(r.report, indent=2, default=str))
         write_networks(r, tmp)
         if "retention" in r.report:
-            from fbnprune.evaluate.report import to_markdown
+            (tmp / "retention.md").write_text(retention_markdown(r.report))
+        if r.report.get("recovery", {}).get("curve"):
+            from fbnprune.recover import loss_figure
 
-            (tmp / "retention.md").write_text(to_markdown(r.report["retention"]))
+            loss_figure(r.report["recovery"], tmp / "recovery_loss.png", f"{recipe.name}: recovery loss")
         if export:
             from fbnprune.export.card import networks_from_set
 
@@ -322,9 +405,7 @@ def write_outputs(r: Run, out: Path, stages: set[str]) -> None:
 
     atomic_dir(out, write)
     if "retention" in r.report:
-        from fbnprune.evaluate.report import print_report
-
-        print_report(r.report["retention"])
+        print(retention_markdown(r.report), flush=True)
     layout = ""
     if export:
         from fbnprune.export.hf import read_manifest
@@ -356,12 +437,15 @@ def run(
     stages = set(STAGES[: STAGES.index(until) + 1])
     if not evaluate:
         stages.discard("evaluate")
+    recovering = recipe.recover is not None and until in ("evaluate", "export")  # the model an export would ship
     t0 = time.perf_counter()
     out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
     if until not in ("collect", "discover"):
         check_output_dir(out, overwrite=overwrite)
     r = load(recipe)
     r.report["recipe"] = recipe.name
+    if recovering:
+        recover_text_stage(r)
     collect_stage(r)
     discover_stage(r)
     if until in ("collect", "discover"):
@@ -373,12 +457,14 @@ def run(
     results = r.report.setdefault("results", {})
     if evaluating:
         results["dense"] = evaluate_model(r, r.lm.model, "dense", ppl_inputs)
-        if recipe.evaluate.retention is not None or recipe.evaluate.speed:
-            r.dense = copy.deepcopy(r.lm.model)
+    if recovering or (evaluating and (recipe.evaluate.retention is not None or recipe.evaluate.speed)):
+        r.dense = copy.deepcopy(r.lm.model)  # the teacher of recovery and the reference of KL and speed
     if "prune" in stages:
         prune_stage(r)
+    if recovering:
+        recover_stage(r, ppl_inputs, evaluating)
     if evaluating:
-        results["pruned"] = evaluate_model(r, r.lm.model, "pruned", ppl_inputs)
+        results["pruned"] = evaluate_model(r, r.lm.model, "recovered" if recovering else "pruned", ppl_inputs)
         retention_stage(r)
         if recipe.evaluate.speed:  # dense and pruned timed in alternation, so that a change of load hits both
             from fbnprune.evaluate.speed import paired_generation_speed
@@ -392,8 +478,8 @@ def run(
                 + ("" if vs["busy"] else f", pruned / dense {vs['speedup']:.3f}"))
             if vs["busy"]:
                 r.note(f"warning: generation speed: {vs['warning']}; the pruned / dense speed ratio is not a result")
-        r.dense = None
         retention_report_stage(r, ppl_inputs)
+    r.dense = None
     r.report["provenance"] = provenance(recipe, r.lm.info)
     r.report["seconds"] = round(time.perf_counter() - t0, 1)
     write_outputs(r, out, stages)

@@ -194,6 +194,13 @@ def model_card(
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     else:
         lines.append("No evaluation results were passed to the export.")
+    recovery = (results or {}).get("recovery")
+    if recovery and recovery.get("training"):
+        from fbnprune.recover.report import to_markdown as recovery_markdown
+
+        lines += ["", "## Recovery", "", "After pruning, the dense model was distilled into this one; the retention "
+                  "table above measures the recovered model, \"before\" below the pruned one before recovery.", "",
+                  recovery_markdown(recovery.get("rows") or [], recovery["training"])]
 
     lines += ["", "## Kept MLP neurons per layer", ""]
     has_dense = any("dense_width" in r for r in summary["layers"])

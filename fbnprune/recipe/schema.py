@@ -20,6 +20,7 @@ from fbnprune.discover.config import DiscoverConfig
 from fbnprune.errors import UserError
 from fbnprune.prune import COMPENSATIONS, DEFAULT_RULE, FBN_RULES, SCORERS, default_compensation, needs
 from fbnprune.prune.sequential import NOT_SEQUENTIAL
+from fbnprune.recover.config import RecoverConfig
 from fbnprune.registry import Registry
 
 
@@ -219,6 +220,8 @@ class Recipe(Strict):
     collect: CollectConfig | None = Field(default_factory=CollectConfig)
     discover: DiscoverConfig | None = Field(None, description="ICA settings for prune.method fbn (default settings if omitted)")
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    recover: RecoverConfig | None = Field(None, description="distil the dense model into the pruned one (off "
+                                          "when omitted); see docs/recovery.md")
     evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
     export: ExportConfig | None = Field(default_factory=ExportConfig)
     analyze: AnalyzeConfig | None = Field(None, description="settings of `fbnprune analyze` (defaults if omitted)")
@@ -239,11 +242,45 @@ class Recipe(Strict):
                 )
         if p.sequential and self.collect is None:
             raise ValueError("prune.sequential needs calibration text to run the layers on: add a collect section")
-        uses_networks = needs(p.method, p.compensate, p.fbn_rule).networks
+        uses_networks = needs(p.method, p.compensate, p.fbn_rule).networks or recover_uses_networks(self)
         if self.discover is not None and not uses_networks and self.analyze is None:
-            raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit and analyze")
+            raise ValueError("a discover section is only used by the fbn methods, netrefit/corrrefit, analyze and "
+                             "recover.network_weight")
         if (self.discover is not None and self.discover.block_texts is not None and self.collect is not None
                 and self.collect.mode != "document"):
             raise ValueError("discover.block_texts needs collect.mode: document (one text per sequence); "
                              "with packed calibration use discover.block_rows")
         return self
+
+    @model_validator(mode="after")
+    def _recover_rules(self) -> Recipe:
+        """Recovery must not train on text the run evaluates on, and its network loss needs networks."""
+        rc = self.recover
+        if rc is None:
+            return self
+        ev = self.evaluate
+        for pc in ev.perplexity if ev is not None else []:
+            if pc.source in rc.data:
+                raise ValueError(f"recover.data {pc.source!r} is this run's perplexity text (evaluate.perplexity); "
+                                 "train on other text")
+        ret = ev.retention if ev is not None else None
+        if ret is not None and ret.source in rc.data:
+            if ret.source != "self":
+                raise ValueError(f"recover.data {ret.source!r} is this run's held-out text (evaluate.retention."
+                                 "source): KL after recovery would be measured on training text; hold out another "
+                                 "source, e.g. evaluate.retention.source: wiki")
+            if ret.seed == rc.seed + rc.data.index("self"):
+                raise ValueError("recover.data 'self' would sample the same text as evaluate.retention (same seed); "
+                                 "change recover.seed or evaluate.retention.seed")
+        if recover_uses_networks(self):
+            p = self.prune
+            if not needs(p.method, p.compensate, p.fbn_rule).networks:
+                if self.collect is None or not self.collect.keep_activations:
+                    raise ValueError("recover.network_weight > 0 needs functional networks: a collect section with "
+                                     "keep_activations: true (discovery then runs for recovery)")
+        return self
+
+
+def recover_uses_networks(recipe: Recipe) -> bool:
+    """Whether the recover stage's network-activity loss is on (discovery must then run)."""
+    return recipe.recover is not None and recipe.recover.network_weight > 0

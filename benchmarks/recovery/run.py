@@ -1,0 +1,159 @@
+"""Recovery benchmark (issue 22): the best training-free pruning, then distillation from the dense model, with
+perplexity, KL and tasks before and after.
+
+Protocol: the leaderboard's (``benchmarks/leaderboard/protocol.yaml``) calibration, perplexity text and tasks;
+pruning by OBS + re-fit, uniform widths, nothing protected (the leaderboard's best training-free cell). KL and
+top-1 agreement are measured on held-out text that is neither recovery text nor evaluation text (``--held-out``,
+default ``wiki``: the recovery text defaults to c4, the leaderboard's held-out source). Every recovery starts from
+a fresh copy of the same pruned model; "before" is measured once per model and sparsity.
+
+Cells: model x sparsity x data x budget x recovery method, one JSON each under ``results/<model>/`` (a rerun
+skips finished cells; a cell interrupted during training resumes from its checkpoint); ``results.json`` is the
+list of rows the issue asks for, rebuilt after every cell.
+
+    nice -n 10 .venv/bin/python benchmarks/recovery/run.py --models smollm2-135m --sparsities 0.3,0.5 \
+        --budgets 5,15,30 --data c4+technical,self --methods full
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the checkout's root, for benchmarks.runner
+
+from benchmarks.runner import Bench, CellDir, Protocol, read_json, record, write_json  # noqa: E402
+from fbnprune.recipe import Recipe  # noqa: E402
+from fbnprune.recover import RecoverConfig, recover_  # noqa: E402
+from fbnprune.recover.report import spent  # noqa: E402
+
+LEADERBOARD = yaml.safe_load((HERE.parent / "leaderboard" / "protocol.yaml").read_text())
+PRUNE = {"method": "obs", "compensate": "refit", "allocation": "uniform", "protected_layers": [], "mode": "slice"}
+
+
+def bench_recipe(model: str) -> Recipe:
+    c = LEADERBOARD["calibration"]
+    return Recipe.model_validate({
+        "name": f"recovery-{Path(model).name}", "model": {"source": model, "dtype": "float32"},
+        "collect": {**c, "keep_activations": True, "fallback": None}, "prune": PRUNE,
+        "evaluate": None, "export": None})
+
+
+def protocol(args: argparse.Namespace) -> Protocol:
+    pp, sub = LEADERBOARD["perplexity"], LEADERBOARD["task_subset"]
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    return Protocol(seq_lens=tuple(int(s) for s in args.seq_lens.split(",")), ppl_source=pp["source"],
+                    ppl_tokens=pp["max_tokens"], tasks=tasks,
+                    task_options={"batch_size": LEADERBOARD["batch_size"], "subset": sub["items"],
+                                  "subset_seed": sub["seed"]},
+                    retention={**LEADERBOARD["retention"], "source": args.held_out}, progress=False)
+
+
+def summary(ev: dict[str, Any]) -> dict[str, Any]:
+    """Perplexities, KL, top-1 and the tasks' mean primary metric of one evaluation."""
+    from fbnprune.evaluate.report import primary_metric
+
+    out: dict[str, Any] = {k: v["ppl"] for k, v in ev.items() if k.startswith("ppl")}
+    if "retention" in ev:
+        out["kl"], out["top1"] = ev["retention"]["kl"], ev["retention"]["top1_agreement"]
+    tasks = (ev.get("tasks") or {}).get("tasks") or {}
+    if tasks:
+        accs = {t: m.get(primary_metric(t, m)) for t, m in tasks.items()}
+        out["tasks"] = accs
+        out["tasks_mean"] = sum(accs.values()) / len(accs)
+    return out
+
+
+def rows(out: Path) -> list[dict[str, Any]]:
+    """The issue's rows from every finished cell."""
+    found = []
+    for path in sorted(out.glob("results/*/*.json")):
+        cell = read_json(path)
+        if cell and "recovery" in cell:
+            found.append(cell["row"])
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument("--sparsities", default="0.3,0.5")
+    ap.add_argument("--budgets", default="5,15,30", help="minutes of training per cell")
+    ap.add_argument("--data", default="c4+technical,self", help="comma-separated; '+' joins sources of one cell")
+    ap.add_argument("--methods", default="full", help="recovery methods: full, lora")
+    ap.add_argument("--self-tokens", type=int, default=65536, help="text sampled from the dense model for 'self'")
+    ap.add_argument("--held-out", default="wiki", help="held-out text of KL (never recovery text)")
+    ap.add_argument("--seq-lens", default="2048", help="perplexity window lengths")
+    ap.add_argument("--tasks", default=",".join(LEADERBOARD["tasks"]), help="lm-eval tasks ('' for none)")
+    ap.add_argument("--checkpoint-every", type=int, default=25)
+    ap.add_argument("--out", default=str(HERE))
+    args = ap.parse_args()
+    out = Path(args.out)
+    rec = record()
+    proto = protocol(args)
+    long = max(proto.seq_lens)
+    for model in args.models.split(","):
+        cells = CellDir(out / "results" / Path(model).name)
+        bench = Bench(bench_recipe(model), proto, command=rec["command"])
+        dense = cells.read("dense")
+        if dense is None:
+            dense = {"eval": summary(bench.evaluate(bench.dense, "dense")), **record(rec["command"])}
+            cells.write("dense", dense)
+        for sp in (float(s) for s in args.sparsities.split(",")):
+            todo = [(data, minutes, method) for data in args.data.split(",")
+                    for minutes in (float(b) for b in args.budgets.split(",")) for method in args.methods.split(",")
+                    if not cells.done(cell_name(sp, data, minutes, method))]
+            if not todo:
+                continue
+            pruned = bench.prune(bench.recipe_with(sparsity=sp))
+            before = cells.read(f"before-{sp}")
+            if before is None:
+                before = {"eval": summary(bench.evaluate(pruned.lm.model, f"pruned {sp}")),
+                          "plan": {k: v for k, v in pruned.plan.to_json().items() if k != "keep"},
+                          **record(rec["command"])}
+                cells.write(f"before-{sp}", before)
+            for data, minutes, method in todo:
+                sources = data.split("+")
+                if args.held_out in sources:
+                    raise SystemExit(f"--held-out {args.held_out!r} is recovery text in --data {data!r}")
+                name = cell_name(sp, data, minutes, method)
+                cfg = RecoverConfig(method=method, data=sources, max_minutes=minutes,
+                                    n_tokens=args.self_tokens if "self" in sources else None,
+                                    checkpoint_every=args.checkpoint_every)
+                student = copy.deepcopy(pruned.lm.model)
+                trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan, progress=False)
+                after = summary(bench.evaluate(student, name))
+                cells.write(name, {"row": row(model, sp, data, minutes, cfg, dense["eval"], before["eval"], after,
+                                              trained, rec, long),
+                                   "after": after, "recovery": trained, "settings": cfg.model_dump(mode="json"),
+                                   **record(rec["command"])})
+                write_json(out / "results.json", rows(out), indent=1)
+
+
+def cell_name(sp: float, data: str, minutes: float, method: str) -> str:
+    return f"{PRUNE['method']}-refit-{sp}__{data}__{minutes:g}min__{method}"
+
+
+def row(model: str, sp: float, data: str, minutes: float, cfg: RecoverConfig, d: dict[str, Any],
+        b: dict[str, Any], a: dict[str, Any], trained: dict[str, Any], rec: dict[str, Any],
+        long: int) -> dict[str, Any]:
+    """One row of results.json: the issue's fields, the gap closed, and what the recovery spent."""
+    key = f"ppl{long}"
+    gap = b[key] - d[key]
+    return {"model": Path(model).name, "method": "obs+refit", "sparsity": sp, "data": data, "budget_min": minutes,
+            "recovery": cfg.method, "lr": cfg.lr, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
+            f"ppl{long}_after": a[key], "gap_closed": (b[key] - a[key]) / gap if gap else None,
+            "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
+            "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
+            "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
+            "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
+
+
+if __name__ == "__main__":
+    main()
