@@ -43,13 +43,16 @@ EXTRA = [
     ("wanda_sp-refit", "wanda_sp", {"compensate": "refit"}),  # the baseline with fbn's own rebuild
     ("flap-bias", "flap", {"compensate": "bias"}),  # FLAP as published (fluctuation + bias compensation)
     ("obs-refit", "obs", {"compensate": "refit"}),  # OBS with the re-fit it assumes (SlimGPT/ZipLM)
+    # layer by layer, each layer's re-fit aimed at the dense model's output (fbnprune.prune.sequential)
+    ("obs-refit-seq", "obs", {"compensate": "refit", "sequential": True}),
+    ("fbn-seq", "fbn", {"sequential": True}),
 ]
 SPARSITIES = (0.1, 0.2, 0.3, 0.5)
 TASKS = ["piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa"]
 
 
 def recipe(model: str, method: str, sparsity: float, *, tag: str | None = None, allocation: str = "uniform",
-           compensate: str | None = None, fbn_rule: str | None = None) -> dict:
+           compensate: str | None = None, fbn_rule: str | None = None, sequential: bool = False) -> dict:
     from fbnprune.prune.compensate import default_compensation
     from fbnprune.prune.fbn import DEFAULT_RULE
 
@@ -60,10 +63,14 @@ def recipe(model: str, method: str, sparsity: float, *, tag: str | None = None, 
     desc = f"{model}: remove {pct}% of MLP neurons by {what}, {allocation} widths"
     if compensate is not None:
         desc += f", {comp} compensation"
+    if sequential:
+        desc += ", layer by layer (sequential, re-fit towards the dense model's output)"
     prune: dict = {"method": method, "sparsity": sparsity, "allocation": allocation, "mode": "slice",
                    "compensate": comp, "protected_layers": []}
     if method == "fbn":
         prune["fbn_rule"] = rule
+    if sequential:
+        prune.update(sequential=True, refit_target="dense")
     r: dict = {
         "name": f"{model}-{tag or method}-{pct}",
         "description": desc,

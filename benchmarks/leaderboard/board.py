@@ -40,7 +40,8 @@ def task_acc(cell: dict[str, Any], task: str, suffix: str = "") -> float | None:
 
 def method_label(ri: dict[str, Any]) -> str:
     """``fbn`` with its default rule, and every method with the compensation ``auto`` gives it, print bare; anything
-    else says what it is: ``fbn(max_z)`` for another fbn rule, ``+<compensation>`` for another compensation."""
+    else says what it is: ``fbn(max_z)`` for another fbn rule, ``+<compensation>`` for another compensation,
+    `` seq`` for sequential pruning."""
     from fbnprune.prune.compensate import default_compensation
     from fbnprune.prune.fbn import DEFAULT_RULE
 
@@ -50,7 +51,11 @@ def method_label(ri: dict[str, Any]) -> str:
     rule = ri.get("fbn_rule") or (ri.get("recipe") or {}).get("prune", {}).get("fbn_rule") or DEFAULT_RULE
     label = method if method != "fbn" or rule == DEFAULT_RULE else f"fbn({rule})"
     comp = ri.get("compensate", "none")
-    return label if comp == default_compensation(method, rule) else f"{label}+{comp}"
+    label = label if comp == default_compensation(method, rule) else f"{label}+{comp}"
+    prune = (ri.get("recipe") or {}).get("prune", {})
+    if prune.get("sequential"):  # layer by layer; the re-fit's target when it is not the default
+        label += " seq" + ("" if comp != "refit" or prune.get("refit_target", "dense") == "dense" else "(layer)")
+    return label
 
 
 def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dict[str, Any]:

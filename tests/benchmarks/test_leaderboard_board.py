@@ -182,3 +182,16 @@ def test_earlier_versions_link_their_board_or_name_the_commit(board):
     sha = mod.REMOVED_VERSIONS[1]
     assert f"v1 (in git at commit {sha}: `git show {sha}:benchmarks/leaderboard/v1/README.md`)" in line
     assert "[v2](v2/README.md)" in line and "(v1/README.md)" not in line
+
+
+def test_method_labels_say_what_differs_from_the_default():
+    label = load_script(BOARD / "board.py", "board_labels").method_label
+
+    def ri(method, compensate="none", **prune):
+        return {"method": method, "compensate": compensate, "recipe": {"prune": prune}}
+
+    assert label(ri("wanda_sp")) == "wanda_sp" and label(ri("obs", "refit")) == "obs+refit"
+    assert label(ri("fbn", "refit")) == "fbn" and label(ri("fbn", "bias")) == "fbn+bias"
+    assert label(ri("obs", "refit", sequential=True, refit_target="dense")) == "obs+refit seq"
+    assert label(ri("obs", "refit", sequential=True, refit_target="layer")) == "obs+refit seq(layer)"
+    assert label(ri("wanda_sp", "bias", sequential=True, refit_target="layer")) == "wanda_sp+bias seq"
