@@ -43,7 +43,7 @@ EXTRA = [
     ("wanda_sp-refit", "wanda_sp", {"compensate": "refit"}),  # the baseline with fbn's own rebuild
     ("flap-bias", "flap", {"compensate": "bias"}),  # FLAP as published (fluctuation + bias compensation)
     ("obs-refit", "obs", {"compensate": "refit"}),  # OBS with the re-fit it assumes (SlimGPT/ZipLM)
-    # layer by layer, each layer's re-fit aimed at the dense model's output (fbnprune.prune.sequential)
+    # layer by layer, each layer calibrated on the pruned layers' outputs (fbnprune.prune.sequential)
     ("obs-refit-seq", "obs", {"compensate": "refit", "sequential": True}),
     ("fbn-seq", "fbn", {"sequential": True}),
 ]
@@ -64,13 +64,13 @@ def recipe(model: str, method: str, sparsity: float, *, tag: str | None = None, 
     if compensate is not None:
         desc += f", {comp} compensation"
     if sequential:
-        desc += ", layer by layer (sequential, re-fit towards the dense model's output)"
+        desc += ", layer by layer (sequential)"
     prune: dict = {"method": method, "sparsity": sparsity, "allocation": allocation, "mode": "slice",
                    "compensate": comp, "protected_layers": []}
     if method == "fbn":
         prune["fbn_rule"] = rule
     if sequential:
-        prune.update(sequential=True, refit_target="dense")
+        prune.update(sequential=True, refit_target="layer")
     r: dict = {
         "name": f"{model}-{tag or method}-{pct}",
         "description": desc,

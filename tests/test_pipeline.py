@@ -59,7 +59,7 @@ def private_cache(tmp_path, monkeypatch):
         {"method": "wanda_sp", "compensate": "corrrefit"},
         {"method": "wanda_sp", "compensate": "anchored"},
         {"method": "obs", "compensate": "refit", "sequential": True},
-        {"method": "obs", "compensate": "refit", "sequential": True, "refit_target": "layer"},
+        {"method": "obs", "compensate": "refit", "sequential": True, "refit_target": "dense"},
         {"method": "fbn", "sequential": True},
         {"method": "wanda_sp", "compensate": "netrefit", "sequential": True, "protected_layers": [0]},
     ],

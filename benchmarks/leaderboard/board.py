@@ -54,7 +54,7 @@ def method_label(ri: dict[str, Any]) -> str:
     label = label if comp == default_compensation(method, rule) else f"{label}+{comp}"
     prune = (ri.get("recipe") or {}).get("prune", {})
     if prune.get("sequential"):  # layer by layer; the re-fit's target when it is not the default
-        label += " seq" + ("" if comp != "refit" or prune.get("refit_target", "dense") == "dense" else "(layer)")
+        label += " seq" + ("" if comp != "refit" or prune.get("refit_target", "layer") == "layer" else "(dense)")
     return label
 
 

@@ -114,7 +114,7 @@ def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
     seqs = _calibration(kind, model_dir)
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="fbnprune-mem-"))
-    opts = SequentialOptions(method="obs", sparsity=0.5, compensate="refit", refit_target="dense", progress=False)
+    opts = SequentialOptions(method="obs", sparsity=0.5, compensate="refit", progress=False)
     try:
         if mode == "parallel":
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -53,7 +53,7 @@ from fbnprune.prune.ops import apply_plan_
 from fbnprune.prune.plan import KeepPlan, make_plan, top_k
 from fbnprune.prune.scorers import SCORERS, ScoreContext, score_neurons
 
-REFIT_TARGETS = ("dense", "layer")
+REFIT_TARGETS = ("layer", "dense")
 #: scorers that need more than one layer's activations (gradients of the model's loss), so cannot run per layer
 NOT_SEQUENTIAL = ("taylor",)
 
@@ -66,7 +66,7 @@ class SequentialOptions:
     method: str
     sparsity: float
     compensate: str = "none"
-    refit_target: str = "dense"
+    refit_target: str = "layer"
     ridge: float = 1e-3
     fbn_rule: str | None = None
     discover: Any = None  # DiscoverConfig or mapping, for the methods that discover networks per layer

@@ -95,10 +95,10 @@ class PruneConfig(Strict):
     sequential: bool = Field(
         False, description="prune layer by layer, each layer calibrated on the outputs of the already-pruned "
         "layers before it (fbnprune.prune.sequential; docs/pruning.md says when it pays)")
-    refit_target: Literal["dense", "layer"] = Field(
-        "dense", description="sequential mode, refit compensation: 'dense' re-fits each layer towards the dense "
-        "model's own MLP output (corrects earlier layers' error); 'layer' towards the dense weights' output on the "
-        "pruned model's inputs")
+    refit_target: Literal["layer", "dense"] = Field(
+        "layer", description="sequential mode, refit compensation: 'layer' (default) re-fits each layer towards "
+        "the dense weights' output on the pruned model's inputs; 'dense' towards the dense model's own MLP output "
+        "(tries to undo earlier layers' error; measured worse: benchmarks/sequential/results.md)")
 
     @field_validator("method")
     @classmethod

@@ -192,6 +192,6 @@ def test_method_labels_say_what_differs_from_the_default():
 
     assert label(ri("wanda_sp")) == "wanda_sp" and label(ri("obs", "refit")) == "obs+refit"
     assert label(ri("fbn", "refit")) == "fbn" and label(ri("fbn", "bias")) == "fbn+bias"
-    assert label(ri("obs", "refit", sequential=True, refit_target="dense")) == "obs+refit seq"
-    assert label(ri("obs", "refit", sequential=True, refit_target="layer")) == "obs+refit seq(layer)"
-    assert label(ri("wanda_sp", "bias", sequential=True, refit_target="layer")) == "wanda_sp+bias seq"
+    assert label(ri("obs", "refit", sequential=True, refit_target="layer")) == "obs+refit seq"
+    assert label(ri("obs", "refit", sequential=True, refit_target="dense")) == "obs+refit seq(dense)"
+    assert label(ri("wanda_sp", "bias", sequential=True, refit_target="dense")) == "wanda_sp+bias seq"
