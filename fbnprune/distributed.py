@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import uuid
@@ -46,6 +47,7 @@ __all__ = ["PeerFailure"]  # re-exported: callers catch it from here or from fbn
 
 FAILED_KEY = "fbnprune/failed"
 DEFAULT_TIMEOUT_S = 1800.0
+FAILURE_ACK_S = 30.0
 
 
 # ------------------------------------------------------------------------------------------------ where am I
@@ -121,8 +123,31 @@ def init(device: str = "cpu") -> bool:
         if not torch.cuda.is_available():
             raise UserError("model.device is cuda but this process sees no CUDA device")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # FSDP's modules take the world group as a default argument when imported after it exists, and a group that
+    # is referenced stays connected after an abort: imported first, a failing rank's peers see it leave at once
+    importlib.import_module("torch.distributed.fsdp")
+
     td.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s()))
+    if td.get_rank() != 0:
+        _quiet_progress_bars()
     return True
+
+
+def _quiet_progress_bars() -> None:
+    """No progress bars on ranks other than 0: every rank runs the same loops, and the launcher interleaves
+    their output. The stages pass ``disable=`` explicitly, which tqdm's own environment switch does not override."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+    if getattr(init, "_fbnprune_quiet", False):
+        return
+
+    def quiet(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet._fbnprune_quiet = True  # type: ignore[attr-defined]
+    std.tqdm.__init__ = quiet  # type: ignore[method-assign]
 
 
 def _store() -> Any:
@@ -135,33 +160,56 @@ def _store() -> Any:
 
 
 def _peer_message() -> str | None:
+    """The failing rank's message, if one was recorded; reading it is acknowledged (see :func:`_record_failure`)."""
     store = _store()
     if store is None:
         return None
     try:
         if store.check([FAILED_KEY]):
-            return store.get(FAILED_KEY).decode()
-    except Exception:  # the store lives in rank 0 (or the launcher); gone with it
+            msg = store.get(FAILED_KEY).decode()
+            store.set(f"{FAILED_KEY}/seen/{rank()}", "1")
+            return msg
+    except Exception:  # the store lives in rank 0 (or the launcher's agent); gone with it
         return None
     return None
 
 
+def _store_unreachable() -> bool:
+    """Whether the key-value store no longer answers (it lives in rank 0 unless a launcher's agent holds it)."""
+    store = _store()
+    if store is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return False
+    try:
+        store.check(["fbnprune/alive"])
+    except Exception:
+        return True
+    return False
+
+
 def _record_failure(exc: BaseException) -> None:
-    """Tell the other ranks why this one stops (first failure wins) and leave the group so they stop waiting."""
+    """Tell the other ranks why this one stops and leave the group, so that their collectives fail at once.
+
+    The first failure's message is kept. When the key-value store lives in this process (rank 0, unless a
+    launcher's agent holds the store), leaving at once would take the message with it: that rank waits (at most
+    ``FAILURE_ACK_S``) until every other rank has read it or failed itself.
+    """
     import torch.distributed as td
 
-    if isinstance(exc, PeerFailure):
-        msg = None
-    else:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        msg = f"rank {rank()} ({socket.gethostname()}) failed: {type(exc).__name__}" + (f": {text}" if text else "")
+    me, n = rank(), world()
     store = _store()
-    if msg is not None and store is not None:
+    first = False
+    if store is not None:
         try:
-            if not store.check([FAILED_KEY]):
-                store.set(FAILED_KEY, msg)
+            if isinstance(exc, PeerFailure):
+                pass
+            else:
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                msg = f"rank {me} ({socket.gethostname()}) failed: {type(exc).__name__}" + (f": {text}" if text else "")
+                first = store.compare_set(FAILED_KEY, "", msg).decode() == msg
+            if not first:
+                store.set(f"{FAILED_KEY}/seen/{me}", "1")
         except Exception:  # best effort: the message is also on this rank's stderr
-            pass
+            first = False
     if td.is_initialized():
         try:
             from torch.distributed.distributed_c10d import _abort_process_group
@@ -172,6 +220,12 @@ def _record_failure(exc: BaseException) -> None:
                 td.destroy_process_group()
             except Exception:
                 pass
+    holds_store = me == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if first and holds_store and store is not None:
+        try:
+            store.wait([f"{FAILED_KEY}/seen/{r}" for r in range(n) if r != me], timedelta(seconds=FAILURE_ACK_S))
+        except Exception:  # a rank busy outside collectives: it learns of the failure at its next one
+            pass
 
 
 @contextmanager
@@ -197,6 +251,9 @@ def _guard(what: str, fn: Callable[[], T]) -> T:
         return fn()
     except Exception as e:
         peer = _peer_message()
+        if peer is None and _store_unreachable():
+            peer = ("rank 0, which holds the run's key-value store, is gone (it failed or was killed; its output "
+                    "says why)")
         reason = peer or (f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
                           f"(another process of the run stopped or stopped answering within "
                           f"{timeout_s():g} s; see its output)")
@@ -322,9 +379,9 @@ def check_shared_dir(path: Path) -> None:
     """Refuse a run whose ranks do not see the same ``path`` (rank 0 writes shared caches there, all read them)."""
     if not active():
         return
-    path.mkdir(parents=True, exist_ok=True)
     probe = path / f".fbnprune-shared-{uuid.uuid4().hex}" if is_main() else None
     if probe is not None:
+        path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
     name = broadcast_object(probe.name if probe is not None else None, what="shared directory check")
     seen = all_gather_object((path / name).exists(), what="shared directory check")

@@ -95,7 +95,7 @@ def check_processes(recipe: Recipe) -> None:
                         "accelerate launch (docs/scale.md)")
     from fbnprune.paths import cache_dir
 
-    dist.check_shared_dir(cache_dir())
+    dist.check_shared_dir(dist.on_main(cache_dir, what="cache directory"))  # created by rank 0 only
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -159,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("RANK", "0") not in ("", "0"):
-        # a launched rank other than 0: one set of progress bars is enough (tqdm reads this when first imported)
-        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on usage errors
     try:
