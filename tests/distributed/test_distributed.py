@@ -144,6 +144,32 @@ def test_every_statistic_score_and_network_equals_one_process(tiny_env, tmp_path
     assert not [p for p in cache.rglob(".*")]
 
 
+@pytest.mark.slow  # ~25 s on 2 busy cores: two ranks importing lm-eval, then the single-process run
+def test_lm_eval_tasks_in_two_processes_equal_one(tiny_env, tmp_path, monkeypatch):
+    """lm-eval's evaluator shares each task's documents out over the ranks and gathers the metrics on rank 0; every
+    rank returns rank 0's result, equal to the single-process one (packed engine and lm-eval's own loop)."""
+    from fbnprune.paths import data_dir
+    from tests.distributed.worker import tasks
+
+    if data_dir() is None or not (data_dir() / "copa").is_dir():
+        pytest.skip("data directory (../shared/data) not available")
+    out = tmp_path / "out"
+    out.mkdir()
+    ok(launch(["-m", "tests.distributed.worker", "tasks", str(tiny_env), str(out)],
+              env={"FBNPRUNE_CACHE": str(tmp_path / "cache2")}))
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache1"))
+    single = tasks(tiny_env)
+    for r in range(2):
+        got = json.loads((out / f"rank{r}.json").read_text())
+        for engine, res in single.items():
+            for task, entry in res.items():
+                for metric, v in entry.items():
+                    if isinstance(v, float):
+                        assert got[engine][task][metric] == pytest.approx(v, rel=1e-9, abs=1e-12), (engine, task)
+                    else:
+                        assert got[engine][task][metric] == v, (engine, task, metric)
+
+
 @pytest.mark.slow  # ~25 s on 2 busy cores: torchrun and its agent, two ranks, then the single-process run
 def test_torchrun_cli_run_equals_one_process_and_only_rank_0_writes(tiny_env, tmp_path):
     """``torchrun --nproc_per_node 2 -m fbnprune run`` (through the test worker, which records on rank 1 every file

@@ -3,6 +3,7 @@
 * ``values ENV_DIR OUT``: the pipeline's pieces one by one on the tiny model of ``ENV_DIR`` (activation
   statistics, Grams, scores of every calibration-based scorer, networks, protected layers, a refit-compensated
   plan, perplexity and retention), saved to ``OUT/rank<r>.pt``; :func:`values` in one process is the reference.
+* ``tasks ENV_DIR OUT``: :func:`tasks` (lm-eval), saved to ``OUT/rank<r>.json``.
 * ``cli ARGS...``: ``fbnprune.cli.main(ARGS)``. ``FBNPRUNE_TEST_FAIL=<rank>:<function>`` makes that function of
   ``fbnprune.run`` raise on that rank.
 
@@ -78,6 +79,20 @@ def values(env_dir: Path) -> dict[str, Any]:
     return out
 
 
+def tasks(env_dir: Path) -> dict[str, Any]:
+    """Two offline lm-eval tasks (first 21 items) with both engines, on the tiny model (needs the data directory)."""
+    from fbnprune.evaluate.harness import evaluate_tasks
+    from fbnprune.models import load_model
+
+    lm = load_model(str(env_dir / "model"))
+    out = {}
+    for engine in ("packed", "hflm"):
+        res = evaluate_tasks(lm.model, lm.tokenizer, ["copa", "arc_easy"], limit=21, batch_size=4, engine=engine,
+                             progress=False)
+        out[engine] = res["tasks"]
+    return out
+
+
 def _fail(spec: str) -> None:
     """Make ``fbnprune.run.<function>`` raise on one rank (``<rank>:<function>``)."""
     import fbnprune.run as run_mod
@@ -132,6 +147,13 @@ def main(argv: list[str]) -> int:
         with dist.session("cpu"):
             got = values(Path(rest[0]))
             torch.save(got, Path(rest[1]) / f"rank{dist.rank()}.pt")  # outside the audited directory
+        code = 0
+    elif case == "tasks":
+        from fbnprune import distributed as dist
+
+        with dist.session("cpu"):
+            got = tasks(Path(rest[0]))
+            (Path(rest[1]) / f"rank{dist.rank()}.json").write_text(json.dumps(got))
         code = 0
     elif case == "cli":
         if os.environ.get("FBNPRUNE_TEST_FAIL"):
