@@ -90,9 +90,6 @@ def check_processes(recipe: Recipe) -> None:
     if recipe.recover is not None:
         raise UserError("recover (distillation) runs in one process: start this recipe without torchrun / "
                         "accelerate launch, or drop its recover section")
-    if recipe.prune.sequential:
-        raise UserError("prune.sequential runs in one process for now: start this recipe without torchrun / "
-                        "accelerate launch (docs/scale.md)")
     from fbnprune.paths import cache_dir
 
     dist.check_shared_dir(dist.on_main(cache_dir, what="cache directory"))  # created by rank 0 only
@@ -228,9 +225,10 @@ def sequential_stage(r: Run) -> None:
     model_id = str(r.lm.info.get("sha256") or r.lm.info.get("source"))
     work = cache_dir() / "sequential" / work_key(model_id, r.calib.sha256, opts)
     if (work / "stream.pt").is_file():
-        r.note(f"sequential: resuming an interrupted run from {work}")
+        r.note(f"sequential: resuming an interrupted run from {work}" if not dist.active() else
+               f"sequential: an interrupted one-process run left {work}; several processes start again instead")
     res = prune_sequential(InMemoryLayers(r.lm.model, r.adapter), r.calib.sequences, opts, work,
-                           device=r.recipe.model.device, doc_ids=r.calib.doc_ids)
+                           device=dist.device_for(r.recipe.model.device), doc_ids=r.calib.doc_ids)
     info = {**r.plan.info, **res.plan.info, "method": p.method}
     r.plan = res.plan
     r.plan.info = info

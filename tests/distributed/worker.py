@@ -75,7 +75,31 @@ def values(env_dir: Path) -> dict[str, Any]:
     out["ppl_pruned"] = perplexity(pruned, stream, seq_len=32, batch_size=3, progress=False)
     held = make_sequences(tok, str(env_dir / "eval.txt"), n_tokens=160, seq_len=32)
     out["retention"] = next_token_agreement(model, pruned, held.sequences, batch_size=2, progress=False)
+    from fbnprune.paths import cache_dir
+
+    out.update(sequential(lm, calib, tmp=cache_dir() / "sequential"))
     out["world"] = dist.world()
+    return out
+
+
+def sequential(lm: Any, calib: Any, tmp: Path) -> dict[str, Any]:
+    """Sequential pruning of a copy of the model: obs with a dense-target re-fit, and fbn (networks per layer)."""
+    import copy
+
+    from fbnprune.arch import get_adapter
+    from fbnprune.prune.sequential import InMemoryLayers, SequentialOptions, prune_sequential
+
+    out = {}
+    for case, kw in (("obs", {"compensate": "refit"}),
+                     ("fbn", {"discover": {"n_components": 8, "n_restarts": 2, "block_texts": None,
+                                           "block_rows": 128}})):
+        model = copy.deepcopy(lm.model)
+        adapter = get_adapter(model)
+        opts = SequentialOptions(method=case, sparsity=0.25, batch_size=3, progress=False, **kw)
+        res = prune_sequential(InMemoryLayers(model, adapter), calib.sequences, opts, tmp / case,
+                               doc_ids=calib.doc_ids)
+        out[f"seq_{case}"] = {"keep": [k.clone() for k in res.plan.keep], "report": res.report(),
+                              "down": [adapter.down_weight(m).detach().clone() for m in adapter.mlps(model)]}
     return out
 
 
