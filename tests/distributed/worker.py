@@ -100,7 +100,34 @@ def sequential(lm: Any, calib: Any, tmp: Path) -> dict[str, Any]:
                                doc_ids=calib.doc_ids)
         out[f"seq_{case}"] = {"keep": [k.clone() for k in res.plan.keep], "report": res.report(),
                               "down": [adapter.down_weight(m).detach().clone() for m in adapter.mlps(model)]}
+    out["seq_checkpoint"] = checkpoint_layers(Path(lm.source), calib, tmp)
     return out
+
+
+def checkpoint_layers(model_dir: Path, calib: Any, tmp: Path) -> dict[str, Any]:
+    """Layer-by-layer loading from the safetensors checkpoint (the 70B path of docs/scale.md): rank 0 writes the
+    pruned checkpoint, every rank reads it back."""
+    from safetensors.torch import load_file
+
+    from fbnprune import distributed as dist
+    from fbnprune.prune.sequential import CheckpointLayers, SequentialOptions, prune_sequential
+
+    out_dir = tmp / "checkpoint"
+    layers = CheckpointLayers(model_dir, out_dir)
+    opts = SequentialOptions(method="obs", sparsity=0.25, compensate="refit", batch_size=3, progress=False)
+    res = prune_sequential(layers, calib.sequences, opts, tmp / "checkpoint-work")
+    if dist.is_main():
+        layers.write_checkpoint(res.plan)
+    dist.barrier("checkpoint written")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out_dir.glob("model-layer-*.safetensors")):
+        tensors.update(load_file(str(f)))
+    dist.barrier("checkpoint read")
+    if dist.is_main():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    return {"keep": [k.clone() for k in res.plan.keep], "tensors": tensors}
 
 
 def tasks(env_dir: Path) -> dict[str, Any]:
