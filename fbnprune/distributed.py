@@ -9,7 +9,7 @@ without them.
 
 How the pipeline splits work (see ``docs/scale.md``): calibration batches, perplexity and retention batches and
 Taylor-gradient batches go round-robin to the ranks (:func:`shard`); discovery windows and layer-sensitivity
-layers likewise. Sums come back with :func:`all_reduce_` or, where the single-process sum is a sequence of Python
+layers likewise; per-layer scoring and re-fits (their Grams included) go by layer (:func:`layer_results`). Sums come back with :func:`all_reduce_` or, where the single-process sum is a sequence of Python
 floats, as per-batch values gathered and added in batch order (:func:`ordered_sum`), which reproduces it bit for
 bit. Rank 0 alone writes shared files (caches, outputs); the others read them after a barrier, so the cache
 directory must be visible to every process (:func:`check_shared_dir` refuses a run where it is not).
@@ -345,6 +345,31 @@ def shard(n: int) -> list[int]:
 def owner(i: int) -> int:
     """The rank that :func:`shard` gives item ``i``."""
     return i % world()
+
+
+def sharding_layers(n: int) -> bool:
+    """Whether :func:`layer_results` shares ``n`` layers out (several processes and at least one layer each); when
+    it does not, every rank computes every layer and per-layer collectives (a Gram's chunks) stay aligned."""
+    return active() and n >= world()
+
+
+def layer_results(n: int, fn: Callable[[int], T], what: str) -> Iterator[tuple[int, T]]:
+    """``(i, fn(i))`` for layers ``0..n-1`` in order, on every rank.
+
+    Layers are independent, so with :func:`sharding_layers` rank r computes layers r, r + world, ... and the
+    results of each round of ``world`` layers are exchanged (so no rank holds more than a round's results); ``fn``
+    must then use no collective. Otherwise every rank calls ``fn`` for every layer."""
+    if not sharding_layers(n):
+        for i in range(n):
+            yield i, fn(i)
+        return
+    w, me = world(), rank()
+    for start in range(0, n, w):
+        i = start + me
+        got = all_gather_object(fn(i) if i < n else None, what=f"{what}, layers {start}-{min(start + w, n) - 1}")
+        for r, res in enumerate(got):
+            if start + r < n:
+                yield start + r, res
 
 
 def ordered_sum(mine: dict[int, Sequence[float]], n: int, what: str = "sum") -> list[float]:
