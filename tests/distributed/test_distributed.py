@@ -182,33 +182,33 @@ def test_lm_eval_tasks_in_two_processes_equal_one(tiny_env, tmp_path, monkeypatc
                         assert got[engine][task][metric] == v, (engine, task, metric)
 
 
-@pytest.mark.slow  # ~25 s on 2 busy cores: torchrun and its agent, two ranks, then the single-process run
-def test_torchrun_cli_run_equals_one_process_and_only_rank_0_writes(tiny_env, tmp_path):
-    """``torchrun --nproc_per_node 2 -m fbnprune run`` (through the test worker, which records on rank 1 every file
-    it creates): the outputs equal a single-process run's; rank 1 writes nothing."""
+@pytest.mark.slow  # ~25 s each on 2 busy cores: the launcher and its agent, two ranks, then the single-process run
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launched_cli_run_equals_one_process_and_only_rank_0_writes(tiny_env, tmp_path, launcher, monkeypatch):
+    """``torchrun --nproc_per_node 2 -m fbnprune run`` and ``accelerate launch --multi_gpu --num_processes 2 -m
+    fbnprune run`` (through the test worker, which records on rank 1 every file it creates): the outputs equal a
+    single-process run's; rank 1 writes nothing."""
+    import subprocess
+
     from fbnprune.cli import main
+    from tests.distributed.helpers import base_env
 
     rf = recipe(tiny_env, tmp_path, method="fbn", compensate="refit")
     work = tmp_path / "w"
     work.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "tests.distributed.worker", "cli", "run", str(rf), "-o", str(work / "out2")]
-    from tests.distributed.helpers import base_env
-
-    env = base_env({"FBNPRUNE_CACHE": str(work / "cache"), "FBNPRUNE_TEST_AUDIT": str(tmp_path)})
-    import subprocess
-
+    start = (["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+             if launcher == "torchrun" else
+             ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())])
+    cmd = [sys.executable, *start, "-m", "tests.distributed.worker", "cli", "run", str(rf), "-o", str(work / "out2")]
+    env = base_env({"FBNPRUNE_CACHE": str(work / "cache"), "FBNPRUNE_TEST_AUDIT": str(tmp_path),
+                    "HF_HOME": str(tmp_path / "hf")})  # no accelerate config file of the user's
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert writes(p.stdout) == [[]]  # printed by rank 1 only (rank 0 is not audited), and empty
     assert p.stdout.count("[fbnprune] wrote") == 1
-    import os
-
-    os.environ["FBNPRUNE_CACHE"] = str(tmp_path / "cache1")
-    try:
-        assert main(["run", str(rf), "-o", str(tmp_path / "out1")]) == 0
-    finally:
-        del os.environ["FBNPRUNE_CACHE"]
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache1"))
+    assert main(["run", str(rf), "-o", str(tmp_path / "out1")]) == 0
     two, one = work / "out2", tmp_path / "out1"
     assert sorted(x.name for x in two.iterdir()) == sorted(x.name for x in one.iterdir())
     assert (two / "keep_plan.json").read_text() == (one / "keep_plan.json").read_text()
@@ -218,7 +218,7 @@ def test_torchrun_cli_run_equals_one_process_and_only_rank_0_writes(tiny_env, tm
             if k.startswith("ppl_"):
                 assert r2["results"][label][k]["nll"] == v["nll"]
     assert r2["results"]["pruned"]["retention"] == r1["results"]["pruned"]["retention"]
-    assert r2["distributed"] == {"processes": 2, "backend": "gloo", "launcher": "torchrun"}
+    assert r2["distributed"] == {"processes": 2, "backend": "gloo", "launcher": launcher}
     from safetensors.torch import load_file
 
     w1, w2 = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
