@@ -200,9 +200,7 @@ def _record_failure(exc: BaseException) -> None:
     first = False
     if store is not None:
         try:
-            if isinstance(exc, PeerFailure):
-                pass
-            else:
+            if not isinstance(exc, PeerFailure):  # a peer's failure is already recorded, by that peer
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 msg = f"rank {me} ({socket.gethostname()}) failed: {type(exc).__name__}" + (f": {text}" if text else "")
                 first = store.compare_set(FAILED_KEY, "", msg).decode() == msg
