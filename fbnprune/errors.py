@@ -13,3 +13,8 @@ class UnknownKeyError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class PeerFailure(RuntimeError):
+    """Another process of a multi-process run failed or stopped answering, so this one stops too (exit code 1);
+    the message names the rank and its error (:mod:`fbnprune.distributed`)."""

@@ -35,5 +35,6 @@ def cache_dir() -> Path:
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         p = (Path(xdg) if xdg else Path.home() / ".cache") / "fbnprune"
-    p.mkdir(parents=True, exist_ok=True)
+    if not p.is_dir():  # created once; a rank of a multi-process run that only reads caches creates nothing
+        p.mkdir(parents=True, exist_ok=True)
     return p

@@ -4,6 +4,11 @@ Each step is one small function calling into its stage package, so the pipeline 
 (``collect``) and networks (``discover``) are cached by content, so re-running with another sparsity or method
 reuses them. Outputs are built under a hidden temporary name and renamed at the end: a failed run leaves no
 partial output directory.
+
+Started as several processes (``torchrun`` / ``accelerate launch``, :mod:`fbnprune.distributed`), every rank runs
+this same script: the stages share their batches, layers or windows out and combine the results, so every rank
+holds the single-process values at each step. Rank 0 alone prints, fills shared caches and writes the outputs,
+once every rank has finished.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fbnprune import distributed as dist
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect import ActivationStore, TokenBatch, collect, make_sequences
 from fbnprune.collect.sources import DATA_FILES
@@ -39,7 +45,8 @@ STAGES = ("collect", "discover", "prune", "evaluate", "export")
 
 
 def say(msg: str) -> None:
-    print(f"[fbnprune] {msg}", flush=True)
+    if dist.is_main():  # every rank runs the same steps: one copy of each line
+        print(f"[fbnprune] {msg}", flush=True)
 
 
 def needs_data(source: str) -> bool:
@@ -73,14 +80,28 @@ def provenance(recipe: Recipe, model_info: dict[str, Any]) -> dict[str, Any]:
     from fbnprune.provenance import machine, versions
 
     return {**versions(), "machine": machine(), "seed": recipe.seed, "model": model_info,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "processes": dist.info(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def check_processes(recipe: Recipe) -> None:
+    """What a multi-process run cannot do yet, refused before anything loads; and a cache all ranks share."""
+    if not dist.active():
+        return
+    if recipe.recover is not None:
+        raise UserError("recover (distillation) runs in one process: start this recipe without torchrun / "
+                        "accelerate launch, or drop its recover section")
+    from fbnprune.paths import cache_dir
+
+    dist.check_shared_dir(dist.on_main(cache_dir, what="cache directory"))  # created by rank 0 only
 
 
 # ------------------------------------------------------------------------------------------------ stages
 def load(recipe: Recipe) -> Run:
     torch.manual_seed(recipe.seed)
-    say(f"loading model {recipe.model.source!r} ({recipe.model.dtype})")
-    lm = load_model(recipe.model.source, dtype=recipe.model.dtype, device=recipe.model.device)
+    say(f"loading model {recipe.model.source!r} ({recipe.model.dtype})"
+        + (f" in {dist.world()} processes" if dist.active() else ""))
+    with dist.main_first("model load"):  # a converted model is cached by rank 0, then read by the others
+        lm = load_model(recipe.model.source, dtype=recipe.model.dtype, device=dist.device_for(recipe.model.device))
     return Run(recipe=recipe, lm=lm, adapter=get_adapter(lm.model), have_data=data_dir() is not None)
 
 
@@ -94,8 +115,10 @@ def collect_stage(r: Run) -> None:
             raise UserError(f"collect.source {source!r} needs the data directory, and collect.fallback is off")
         r.note(f"no data directory found: calibrating on {c.fallback!r} instead of {source!r} (data-free)")
         source = c.fallback
-    r.calib = make_sequences(r.lm.tokenizer, source, n_tokens=c.n_tokens, seq_len=c.seq_len, mode=c.mode,
-                             seed=c.seed, model=r.lm.model)
+    # made once, on rank 0: every rank must calibrate on the same tokens (text sampled from the model included)
+    r.calib = dist.on_main(lambda: make_sequences(r.lm.tokenizer, source, n_tokens=c.n_tokens, seq_len=c.seq_len,
+                                                  mode=c.mode, seed=c.seed, model=r.lm.model),
+                           what="calibration tokens")
     say(f"calibration: {r.calib.n_tokens} tokens from {r.calib.source} ({len(r.calib.sequences)} sequences"
         f"{', each starting with <bos>' if r.calib.start else ''})")
     r.report["calibration"] = {"source": r.calib.source, "tokens": r.calib.n_tokens, **feed_info(r.calib.start),
@@ -126,7 +149,8 @@ def discover_stage(r: Run) -> None:
     r.report["networks"] = {"path": str(r.networks.path), "runs_ok": s.get("runs_ok"),
                             "runs_failed": s.get("runs_failed"), "per_layer": overview.layer_rows(r.networks)}
     say("functional networks found: " + overview.describe(r.networks))
-    print(overview.to_markdown(r.networks).split("\n", 2)[2], flush=True)
+    if dist.is_main():
+        print(overview.to_markdown(r.networks).split("\n", 2)[2], flush=True)
 
 
 def write_networks(r: Run, out: Path) -> None:
@@ -181,6 +205,8 @@ def plan_stage(r: Run) -> KeepPlan:
             r.note(f"protected layers (auto): layer {dropped} released, the budget cannot be met with it whole")
             r.report["protected_layers"]["protected"] = sorted(by_need)
     r.plan.info["method"] = p.method
+    # every rank computed the same plan from the same reduced statistics; rank 0's is the one all ranks prune by
+    r.plan = dist.broadcast_object(r.plan, what="keep plan")
     return r.plan
 
 
@@ -199,9 +225,10 @@ def sequential_stage(r: Run) -> None:
     model_id = str(r.lm.info.get("sha256") or r.lm.info.get("source"))
     work = cache_dir() / "sequential" / work_key(model_id, r.calib.sha256, opts)
     if (work / "stream.pt").is_file():
-        r.note(f"sequential: resuming an interrupted run from {work}")
+        r.note(f"sequential: resuming an interrupted run from {work}" if not dist.active() else
+               f"sequential: an interrupted one-process run left {work}; several processes start again instead")
     res = prune_sequential(InMemoryLayers(r.lm.model, r.adapter), r.calib.sequences, opts, work,
-                           device=r.recipe.model.device, doc_ids=r.calib.doc_ids)
+                           device=dist.device_for(r.recipe.model.device), doc_ids=r.calib.doc_ids)
     info = {**r.plan.info, **res.plan.info, "method": p.method}
     r.plan = res.plan
     r.plan.info = info
@@ -349,8 +376,8 @@ def held_out(r: Run) -> TokenBatch:
     if r.held is None:
         rc = r.recipe.evaluate.retention
         src = rc.source if (r.have_data or not needs_data(rc.source)) else "self"
-        r.held = make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len, seed=rc.seed,
-                                model=r.dense)
+        r.held = dist.on_main(lambda: make_sequences(r.lm.tokenizer, src, n_tokens=rc.n_tokens, seq_len=rc.seq_len,
+                                                     seed=rc.seed, model=r.dense), what="held-out text")
     return r.held
 
 
@@ -434,6 +461,7 @@ def run(
     """
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r}; choose one of {', '.join(STAGES)}")
+    check_processes(recipe)
     stages = set(STAGES[: STAGES.index(until) + 1])
     if not evaluate:
         stages.discard("evaluate")
@@ -441,9 +469,11 @@ def run(
     t0 = time.perf_counter()
     out = Path(output_dir or recipe.output_dir or f"outputs/{recipe.name}")
     if until not in ("collect", "discover"):
-        check_output_dir(out, overwrite=overwrite)
+        dist.on_main(lambda: check_output_dir(out, overwrite=overwrite), what="output directory check")
     r = load(recipe)
     r.report["recipe"] = recipe.name
+    if dist.active():
+        r.report["distributed"] = dist.info()
     if recovering:
         recover_text_stage(r)
     collect_stage(r)
@@ -469,7 +499,9 @@ def run(
         if recipe.evaluate.speed:  # dense and pruned timed in alternation, so that a change of load hits both
             from fbnprune.evaluate.speed import paired_generation_speed
 
-            timed = paired_generation_speed(r.dense, r.lm.model, r.lm.tokenizer)
+            # one timing, on rank 0 (several processes timing at once would measure each other)
+            timed = dist.on_main(lambda: paired_generation_speed(r.dense, r.lm.model, r.lm.tokenizer),
+                                 what="generation speed")
             for label in ("dense", "pruned"):
                 results[label]["stats"]["generation"] = timed[label]
             d, p, vs = timed["dense"], timed["pruned"], timed["pruned"]["vs_dense"]
@@ -482,5 +514,8 @@ def run(
     r.dense = None
     r.report["provenance"] = provenance(recipe, r.lm.info)
     r.report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_outputs(r, out, stages)
+    dist.barrier("before writing outputs")  # every rank finished: nothing is written for a run that failed
+    if dist.is_main():
+        write_outputs(r, out, stages)
+    dist.barrier("outputs written")  # the other ranks end with rank 0 (and fail if its writing failed)
     return r.report

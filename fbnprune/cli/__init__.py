@@ -6,11 +6,12 @@ Exit codes: 0 ok, 2 usage or recipe/input error (one message, no traceback), 1 r
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from fbnprune.errors import UserError
+from fbnprune.errors import PeerFailure, UserError
 
 EPILOG = """examples:
   python -m fbnprune recipes                          list bundled recipes
@@ -22,6 +23,9 @@ EPILOG = """examples:
   python -m fbnprune analyze analyze-smollm2-135m    masking / keep-only / recurrence figures
   python -m fbnprune discover quickstart prune.method=fbn collect.keep_activations=true
                                                       stage commands: collect, discover, prune, evaluate, export
+  torchrun --nproc_per_node 2 -m fbnprune run quickstart
+  accelerate launch --num_processes 2 -m fbnprune run quickstart
+                                                      one run in several processes (docs/scale.md)
 """
 
 
@@ -31,11 +35,17 @@ OVERWRITE_HELP = "replace the output directory when it holds an earlier run's ou
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fbnprune import distributed as dist
     from fbnprune.recipe import load_recipe
     from fbnprune.run import run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    report = run(recipe, output_dir=args.output, until=args.until, evaluate=args.evaluate, overwrite=args.overwrite)
+    # under torchrun / accelerate launch: join the process group for the run (nothing happens in one process)
+    with dist.session(recipe.model.device):
+        report = run(recipe, output_dir=args.output, until=args.until, evaluate=args.evaluate,
+                     overwrite=args.overwrite)
+        if not dist.is_main():
+            return 0
     if args.until == "collect" and "calibration" in report:
         print(f"activations: {report['calibration']['store']}")
     if args.until == "discover" and "networks" in report:
@@ -48,6 +58,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from fbnprune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError("analyze runs in one process: start it without torchrun / accelerate launch")
     analyze(recipe, output_dir=args.output, overwrite=args.overwrite)
     return 0
 
@@ -154,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"fbnprune: error: {e}", file=sys.stderr)
         return 2
+    except PeerFailure as e:  # another process of a torchrun / accelerate launch run failed; its output says why
+        print(f"fbnprune: error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `fbnprune recipes | head`
         sys.stderr.close()
         return 0

@@ -49,13 +49,20 @@ class LayerStats:
 
 
 class StoreWriter:
-    """Accumulates rows into a store being built in ``tmp_dir``; :meth:`finish` renames it to ``path``."""
+    """Accumulates rows into a store being built in ``tmp_dir``; :meth:`finish` renames it to ``path``.
 
-    def __init__(self, path: Path, widths: list[int], n_rows: int, keep_activations: bool, meta: dict[str, Any]):
+    In a multi-process run every rank accumulates the statistics of its own rows and only rank 0 writes
+    (``files=True``): :meth:`reduce` sums the statistics over ranks before rank 0 finishes the store.
+    """
+
+    def __init__(self, path: Path, widths: list[int], n_rows: int, keep_activations: bool, meta: dict[str, Any],
+                 files: bool = True):
         self.path = Path(path)
         self.tmp = self.path.parent / f".{self.path.name}.partial"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.files = files
+        if files:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
         self.widths = widths
         self.n_rows = n_rows
         self.meta = dict(meta, widths=widths, n_rows=n_rows, keep_activations=keep_activations)
@@ -68,22 +75,49 @@ class StoreWriter:
                 np.lib.format.open_memmap(self.tmp / f"layer_{i:03d}.npy", mode="w+", dtype=np.float32, shape=(n_rows, w))
                 for i, w in enumerate(widths)
             ]
-            if keep_activations
+            if keep_activations and files
             else None
         )
         self.rows = np.zeros((n_rows, 3), dtype=np.int32)
 
     def add(self, layer: int, offset: int, h: torch.Tensor) -> None:
         """Add rows ``h`` (n, width) of ``layer`` starting at row ``offset``."""
+        self.add_stats(layer, h)
+        self.write_rows(layer, offset, h)
+
+    def add_stats(self, layer: int, h: torch.Tensor) -> None:
+        """Add rows ``h`` (n, width) of ``layer`` to the running statistics only."""
         h64 = h.detach().to(torch.float64)
-        self.sum[layer] += h64.sum(0)
-        self.sumsq[layer] += (h64 * h64).sum(0)
-        self.absmax[layer] = torch.maximum(self.absmax[layer], h64.abs().amax(0))
+        self.sum[layer] += h64.sum(0).cpu()
+        self.sumsq[layer] += (h64 * h64).sum(0).cpu()
+        if h.shape[0]:
+            self.absmax[layer] = torch.maximum(self.absmax[layer], h64.abs().amax(0).cpu())
         self.count[layer] += h.shape[0]
+
+    def write_rows(self, layer: int, offset: int, h: torch.Tensor) -> None:
+        """Store rows ``h`` of ``layer`` at row ``offset`` (when the store keeps activations)."""
         if self.arrays is not None:
             self.arrays[layer][offset : offset + h.shape[0]] = h.detach().to(torch.float32).cpu().numpy()
 
+    def reduce(self) -> None:
+        """Sum counts, sums and sums of squares over ranks and take the maximum of absmax (no-op in one process);
+        afterwards every rank holds the statistics of all rows."""
+        from fbnprune import distributed as dist
+
+        if not dist.active():
+            return
+        sums = dist.all_reduce_(torch.cat([*self.sum, *self.sumsq]), what="activation statistics")
+        absmax = dist.all_reduce_(torch.cat(self.absmax), op="max", what="activation statistics")
+        count = dist.all_reduce_(torch.tensor(self.count, dtype=torch.float64), what="activation statistics")
+        n = len(self.widths)
+        parts = [t.clone() for t in torch.split(sums, self.widths * 2)]  # own storage each (safetensors)
+        self.sum, self.sumsq = parts[:n], parts[n:]
+        self.absmax = [t.clone() for t in torch.split(absmax, self.widths)]
+        self.count = [int(c) for c in count.tolist()]
+
     def finish(self) -> ActivationStore:
+        if not self.files:
+            raise RuntimeError("a writer without files (a rank other than 0) cannot finish the store")
         if any(c != self.n_rows for c in self.count):
             raise RuntimeError(f"store incomplete: rows per layer {self.count}, expected {self.n_rows}")
         tensors: dict[str, torch.Tensor] = {}
@@ -105,7 +139,8 @@ class StoreWriter:
 
     def abort(self) -> None:
         self.arrays = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.files:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class ActivationStore:

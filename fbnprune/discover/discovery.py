@@ -6,7 +6,8 @@ Peak memory is one block of one window of activations plus a constant (PCA facto
 do not grow with the token count).
 
 Results are cached under ``cache_dir()/networks/<key>``; the key hashes the store's identity (model, data hash,
-shape) and every parameter that changes results (not ``device``: CPU and GPU agree to rounding).
+shape) and every parameter that changes results (not ``device``: CPU and GPU agree to rounding; nor the number of
+processes: windows shared out over ranks give the same networks, to rounding).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.collect.store import ActivationStore
 from fbnprune.discover.config import DiscoverConfig
 from fbnprune.discover.decompose import ICAOutcome, PCABlock, decompose, pca_block, zscore_
@@ -136,10 +138,51 @@ def _decompose_run(pcas: list[PCABlock], cfg: DiscoverConfig, seed: int) -> list
     return outs
 
 
+def _layer_tensors(run_scores: list[torch.Tensor], run_nets: list[torch.Tensor], tau: float, match: float, layer: int
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One layer's share of the artifact (see :mod:`fbnprune.discover.networks`) from its per-run scores and
+    networks, and its row of the summary."""
+    rs = torch.stack(run_scores)  # (R, N)
+    score = rs.amax(0)
+    recur = (rs > tau).float().mean(0)
+    nets = run_nets[:MAX_MATCH_RUNS]
+    net_rec = network_recurrence(nets, match)
+    sizes = torch.stack([n.sum(1) for n in nets]).float()  # (R', n_net)
+    nonempty = sizes > 0
+    tensors = {
+        f"score.{layer}": score.float().contiguous(),
+        f"recurrence.{layer}": recur.contiguous(),
+        f"membership.{layer}": (score > tau).to(torch.uint8),
+        f"run_scores.{layer}": rs.float().contiguous(),
+        f"net_members.{layer}": pack_bits(torch.stack(nets)),
+        f"net_recurrence.{layer}": net_rec.contiguous(),
+    }
+    rec_ne = net_rec[nonempty]
+    info = {
+        "layer": layer,
+        "members": int((score > tau).sum()),
+        "member_fraction": round(float((score > tau).float().mean()), 4),
+        "networks_per_run": round(float(nonempty.float().sum(1).mean()), 2),
+        "network_size_median": float(sizes[nonempty].median()) if bool(nonempty.any()) else 0.0,
+        "network_size_max": int(sizes.max()),
+        "network_recurrence_mean": None if len(nets) < 2 or rec_ne.numel() == 0 else round(float(rec_ne.mean()), 4),
+        "networks_recurring_half": None if len(nets) < 2 else round(float((rec_ne >= 0.5).float().mean()), 4)
+        if rec_ne.numel() else 0.0,
+        "neuron_recurrence_mean_members": round(float(recur[score > tau].mean()), 4) if bool((score > tau).any()) else 0.0,
+    }
+    return tensors, info
+
+
 def discover_networks(
     store: ActivationStore, cfg: DiscoverConfig, *, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Run every block's decomposition and aggregate; returns the tensors and summary (nothing is written)."""
+    """Run every block's decomposition and aggregate; returns the tensors and summary (nothing is written).
+
+    In a multi-process run (:mod:`fbnprune.distributed`) window ``w`` of every run is loaded, reduced and
+    decomposed on rank ``w % world`` and layer ``l`` is aggregated on rank ``l % world``. A window that fails makes
+    every rank retry the whole run with the next seed, as one process does, so the retries and seeds are the
+    same. Every rank returns the whole result.
+    """
     if not store.has_activations:
         raise UserError(f"store {store.path} kept statistics only; discovery needs collect.keep_activations: true")
     widths = store.widths
@@ -155,16 +198,20 @@ def discover_networks(
             )
     temporal = cfg.method == "fastica"
     tau = cfg.threshold
-    run_scores: list[list[torch.Tensor]] = [[] for _ in widths]  # per layer, per ok run
-    run_nets: list[list[torch.Tensor]] = [[] for _ in widths]
+    my_wins = dist.shard(len(wins))
+    my_layers = dist.shard(len(widths))
+    run_scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in my_layers}  # per layer, per ok run
+    run_nets: dict[int, list[torch.Tensor]] = {layer: [] for layer in my_layers}
     runs: list[dict[str, Any]] = []
     timing = {"load_s": 0.0, "pca_s": 0.0, "ica_s": 0.0}
-    bar = tqdm(total=len(blocks) * len(wins), desc="discover networks", unit="window", disable=not progress)
+    bar = tqdm(total=len(blocks) * len(my_wins), desc="discover networks", unit="window",
+               disable=not dist.progress_enabled(progress))
     for r, rows in enumerate(blocks):
         base_seed = cfg.seed + (r if cfg.vary_seed else 0)
         pcas: list[PCABlock] = []
-        offsets: list[list[int]] = []
-        for w in wins:
+        offsets: dict[int, list[int]] = {}
+        for wi in my_wins:
+            w = wins[wi]
             t0 = time.perf_counter()
             x = _load_block(store, w, rows).to(cfg.device if cfg.backend == "torch" else "cpu")
             t1 = time.perf_counter()
@@ -173,19 +220,25 @@ def discover_networks(
             del x
             timing["load_s"] += t1 - t0
             timing["pca_s"] += time.perf_counter() - t1
-            offsets.append(list(np.cumsum([0] + [widths[i] for i in w])))
+            offsets[wi] = list(np.cumsum([0] + [widths[i] for i in w]))
             bar.update(1)
         rec: dict[str, Any] = {"run": r, "rows": int(len(rows)), "attempts": []}
         outs: list[ICAOutcome] | None = None
         for attempt in range(cfg.max_retries + 1):
             seed = base_seed + attempt * RETRY_SEED_STEP
             t0 = time.perf_counter()
-            cand = _decompose_run(pcas, cfg, seed)
+            cand = _decompose_run(pcas, cfg, seed) if pcas else []
             timing["ica_s"] += time.perf_counter() - t0
-            failed = [i for i, o in enumerate(cand) if not o.ok]
-            n_it = [i for o in cand for i in o.n_iter]
-            conv = [c for o in cand for c in o.converged]
-            fin = [f for o in cand for f in o.finite]
+            # every rank's windows, in window order: the attempt's record and whether it failed anywhere
+            mine = {wi: (o.ok, o.n_iter, o.converged, o.finite) for wi, o in zip(my_wins, cand, strict=True)}
+            every: dict[int, Any] = {}
+            for part in dist.all_gather_object(mine, what=f"discovery run {r}"):
+                every.update(part)
+            per_win = [every[wi] for wi in range(len(wins))]
+            failed = [wi for wi, o in enumerate(per_win) if not o[0]]
+            n_it = [i for o in per_win for i in o[1]]
+            conv = [c for o in per_win for c in o[2]]
+            fin = [f for o in per_win for f in o[3]]
             rec["attempts"].append({
                 "seed": seed, "failed_windows": failed, "restarts_nonfinite": int(len(fin) - sum(fin)),
                 "restarts_not_converged": int(len(conv) - sum(conv)),
@@ -199,48 +252,44 @@ def discover_networks(
         runs.append(rec)
         if outs is None:
             continue
-        per_layer_z: list[list[torch.Tensor]] = [[] for _ in widths]
-        for w, off, o in zip(wins, offsets, outs, strict=True):
+        # slices of each layer's maps, from every window containing it, to the rank aggregating the layer
+        slices: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for wi, o in zip(my_wins, outs, strict=True):
             assert o.maps is not None
-            for j, layer in enumerate(w):
-                per_layer_z[layer].append(o.maps[:, off[j] : off[j + 1]])
-        for layer, zs in enumerate(per_layer_z):
-            z = torch.cat(zs, 0).abs()  # (n_net, N): slices of every window containing the layer
+            off = offsets[wi]
+            for j, layer in enumerate(wins[wi]):
+                slices.setdefault(layer, []).append((wi, o.maps[:, off[j] : off[j + 1]]))
+        if dist.active() and cfg.window > 1:  # a layer's windows may lie on several ranks
+            away = {layer: v for layer, v in slices.items() if dist.owner(layer) != dist.rank()}
+            slices = {layer: v for layer, v in slices.items() if dist.owner(layer) == dist.rank()}
+            for part in dist.all_gather_object(away, what=f"discovery run {r} maps"):
+                for layer, v in part.items():
+                    if dist.owner(layer) == dist.rank():
+                        slices.setdefault(layer, []).extend(v)
+        for layer in my_layers:
+            z = torch.cat([m for _, m in sorted(slices[layer], key=lambda t: t[0])], 0).abs()  # (n_net, N)
             run_scores[layer].append(z.amax(0))
             run_nets[layer].append(z > tau)
     bar.close()
     ok = [r for r in runs if r["ok"]]
     if not ok:
         raise RuntimeError(f"every discovery run failed after {cfg.max_retries} retries: {runs}")
+    mine_t: dict[str, torch.Tensor] = {}
+    mine_info: dict[int, dict[str, Any]] = {}
+    for layer in my_layers:
+        t, info = _layer_tensors(run_scores[layer], run_nets[layer], tau, cfg.match_threshold, layer)
+        mine_t.update(t)
+        mine_info[layer] = info
     tensors: dict[str, torch.Tensor] = {}
-    layer_info: list[dict[str, Any]] = []
-    for layer in range(len(widths)):
-        rs = torch.stack(run_scores[layer])  # (R, N)
-        score = rs.amax(0)
-        recur = (rs > tau).float().mean(0)
-        nets = run_nets[layer][:MAX_MATCH_RUNS]
-        net_rec = network_recurrence(nets, cfg.match_threshold)
-        sizes = torch.stack([n.sum(1) for n in nets]).float()  # (R', n_net)
-        nonempty = sizes > 0
-        tensors[f"score.{layer}"] = score.float().contiguous()
-        tensors[f"recurrence.{layer}"] = recur.contiguous()
-        tensors[f"membership.{layer}"] = (score > tau).to(torch.uint8)
-        tensors[f"run_scores.{layer}"] = rs.float().contiguous()
-        tensors[f"net_members.{layer}"] = pack_bits(torch.stack(nets))
-        tensors[f"net_recurrence.{layer}"] = net_rec.contiguous()
-        rec_ne = net_rec[nonempty]
-        layer_info.append({
-            "layer": layer,
-            "members": int((score > tau).sum()),
-            "member_fraction": round(float((score > tau).float().mean()), 4),
-            "networks_per_run": round(float(nonempty.float().sum(1).mean()), 2),
-            "network_size_median": float(sizes[nonempty].median()) if bool(nonempty.any()) else 0.0,
-            "network_size_max": int(sizes.max()),
-            "network_recurrence_mean": None if len(nets) < 2 or rec_ne.numel() == 0 else round(float(rec_ne.mean()), 4),
-            "networks_recurring_half": None if len(nets) < 2 else round(float((rec_ne >= 0.5).float().mean()), 4)
-            if rec_ne.numel() else 0.0,
-            "neuron_recurrence_mean_members": round(float(recur[score > tau].mean()), 4) if bool((score > tau).any()) else 0.0,
-        })
+    infos: dict[int, dict[str, Any]] = {}
+    parts = dist.all_gather_object((mine_t, mine_info, timing), what="discovery results")
+    for part_t, part_i, _ in parts:
+        tensors.update(part_t)
+        infos.update(part_i)
+    timing = {k: sum(part[2][k] for part in parts) for k in timing}  # seconds of work, summed over the ranks
+    tensors = {f"{name}.{layer}": tensors[f"{name}.{layer}"] for layer in range(len(widths))
+               for name in ("score", "recurrence", "membership", "run_scores", "net_members", "net_recurrence")}
+    layer_info = [infos[layer] for layer in range(len(widths))]
     summary: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "params": cfg.model_dump(),
@@ -261,7 +310,7 @@ def discover_networks(
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
         "per_layer": layer_info,
         "machine": f"{platform.machine()} {platform.system()}, torch threads {torch.get_num_threads()}, "
-                   f"device {cfg.device}",
+                   f"device {cfg.device}" + (f", {dist.world()} processes" if dist.active() else ""),
     }
     return tensors, summary
 
@@ -277,13 +326,22 @@ def run_discovery(
         >>> nets.summary["runs_ok"], nets.scores[0].shape  # doctest: +SKIP
     """
     root = Path(root) if root is not None else cache_dir() / "networks"
-    root.mkdir(parents=True, exist_ok=True)
     path = root / cache_key(store, cfg)
-    if reuse and (path / NetworkSet.SUMMARY).is_file():
+    # rank 0 decides and alone writes (see fbnprune.distributed); the others load what it wrote
+    if dist.broadcast_object(reuse and (path / NetworkSet.SUMMARY).is_file(), what="networks cache lookup"):
         return NetworkSet.load(path)
     t0 = time.perf_counter()
     tensors, summary = discover_networks(store, cfg, progress=progress)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if dist.is_main():
+        _write_networks(root, path, tensors, summary)
+    dist.barrier("networks written")
+    return NetworkSet.load(path)
+
+
+def _write_networks(root: Path, path: Path, tensors: dict[str, torch.Tensor], summary: dict[str, Any]) -> None:
+    """The artifact under a temporary name, renamed into place when complete."""
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -296,4 +354,3 @@ def run_discovery(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return NetworkSet.load(path)

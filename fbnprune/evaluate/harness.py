@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.errors import UserError
 from fbnprune.evaluate.ppl import split_head
 
@@ -190,10 +191,35 @@ def make_lm(model: Any, tokenizer: Any, *, batch_size: int = 8, engine: str = "p
     # requests start the way the tokenizer starts a text, and an empty context is the same token text generated
     # from nothing starts with (fbnprune.models.feed): said explicitly, so no lm-eval default can change it
     feed = {"add_bos_token": adds_bos(tokenizer), "prefix_token_id": seed_token(tokenizer)}
-    if engine == "hflm":
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **feed)
 
-    class PackedHFLM(HFLM):
+    class RankedHFLM(HFLM):
+        """HFLM that takes part in a multi-process run (:mod:`fbnprune.distributed`): HFLM given a loaded model
+        assumes one process, so the rank, world size and collectives lm-eval's evaluator asks for are set here
+        (the evaluator then gives each rank its share of every task's documents and gathers the metrics)."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self._rank, self._world_size = dist.rank(), dist.world()
+
+        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            if self.world_size <= 1:
+                return tensor
+            parts = dist.all_gather_object(tensor.detach().cpu().reshape(-1), what="lm-eval")
+            return torch.cat(parts).to(tensor.device)
+
+        def gather_object(self, obj: Any, dst: int = 0) -> Any:
+            if self.world_size <= 1:
+                return [obj]
+            got = dist.all_gather_object(obj, what="lm-eval")
+            return got if self.rank == dst else None
+
+        def barrier(self) -> None:
+            dist.barrier("lm-eval")
+
+    if engine == "hflm":
+        return RankedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **feed)
+
+    class PackedHFLM(RankedHFLM):
         """HFLM whose log-likelihood loop shares each context across its continuations (see module doc)."""
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):  # type: ignore[override]
@@ -259,14 +285,15 @@ def _run(lm: Any, names: list[str], tm: Any, limit: int | None) -> dict[str, Any
     from lm_eval.evaluator import simple_evaluate
 
     try:
-        return simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=None,
-                               log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=1234,
-                               torch_random_seed=1234, fewshot_random_seed=1234)
-    except UserError:
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=None,
+                              log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=1234,
+                              torch_random_seed=1234, fewshot_random_seed=1234)
+    except (UserError, dist.PeerFailure):
         raise
     except Exception as e:  # lm-eval/datasets raise many types; name the tasks in one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"lm-eval failed on tasks {names}: {type(e).__name__}: {msg}") from e
+    return res if res is not None else {"results": {}, "n-samples": {}}  # ranks other than 0 get no results
 
 
 def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
@@ -311,8 +338,10 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
     try:
         from lm_eval.tasks import TaskManager
 
-        if offline:
-            prep = prepare_offline_tasks(offline, blimp_per_paradigm=per_par, subset=subset, subset_seed=subset_seed)
+        if offline:  # rank 0 writes the task files, every rank reads them
+            prep = dist.broadcast_object(
+                prepare_offline_tasks(offline, blimp_per_paradigm=per_par, subset=subset, subset_seed=subset_seed)
+                if dist.is_main() else None, what="lm-eval task files")
             info = prep.info
             tm = TaskManager(include_path=str(prep.include_path), include_defaults=False)
             r = _run(lm, offline, tm, limit)
@@ -326,6 +355,39 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
             n_samples.update(r.get("n-samples", {}))
     finally:
         model.train(was_training)
+    if dist.is_main():
+        out = _collect_results(out, raw, n_samples, info, tasks, offline, per_par)
+    # lm-eval aggregates on rank 0 only; every rank returns its result
+    out = dist.broadcast_object(out if dist.is_main() else None, what="lm-eval results")
+    seconds = time.perf_counter() - t0
+    import lm_eval
+
+    from fbnprune.models.feed import feed_info, start_tokens
+
+    out["settings"] = {
+        "engine": engine,
+        **feed_info(start_tokens(tokenizer)),
+        "batch_size": batch_size,
+        "num_fewshot": 0,
+        "limit": limit,
+        "limit_note": LIMIT_NOTE.format(limit=limit) if limit is not None else None,
+        "blimp_per_paradigm": per_par,
+        "subset": None if subset is None else {"items": subset, "seed": subset_seed},
+        "lm_eval": getattr(lm_eval, "__version__", "unknown"),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "threads": torch.get_num_threads(),
+        "processes": dist.world(),
+        "seconds": round(seconds, 1),
+    }
+    if limit is not None:
+        log.warning(out["settings"]["limit_note"])
+    return out
+
+
+def _collect_results(out: dict[str, Any], raw: dict[str, Any], n_samples: dict[str, Any], info: dict[str, Any],
+                     tasks: list[str], offline: list[str], per_par: int | None) -> dict[str, Any]:
+    """lm-eval's raw results as one entry per requested task (metrics, items, subset, source)."""
     for name in tasks:
         key = name[len("lm_eval:"):] if name.startswith("lm_eval:") and name[len("lm_eval:"):] not in offline else name
         if key not in raw:
@@ -346,26 +408,4 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: list[str], *, limit: int |
             entry["subset"] = {"per_paradigm": per_par, "seed": 0}
             entry["subtasks"] = subs
         out["tasks"][name] = entry
-    seconds = time.perf_counter() - t0
-    import lm_eval
-
-    from fbnprune.models.feed import feed_info, start_tokens
-
-    out["settings"] = {
-        "engine": engine,
-        **feed_info(start_tokens(tokenizer)),
-        "batch_size": batch_size,
-        "num_fewshot": 0,
-        "limit": limit,
-        "limit_note": LIMIT_NOTE.format(limit=limit) if limit is not None else None,
-        "blimp_per_paradigm": per_par,
-        "subset": None if subset is None else {"items": subset, "seed": subset_seed},
-        "lm_eval": getattr(lm_eval, "__version__", "unknown"),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
-        "threads": torch.get_num_threads(),
-        "seconds": round(seconds, 1),
-    }
-    if limit is not None:
-        log.warning(out["settings"]["limit_note"])
     return out

@@ -10,6 +10,9 @@ Each window is fed the way the tokenizer starts a text (:mod:`fbnprune.models.fe
 ``<bos>`` gets it in front of every window. The start tokens are context, never scored: every model scores the
 same text tokens (the 2nd to the last of each window), so a model with and one without ``<bos>`` are compared on
 the same targets, and a model that adds nothing sees exactly the windows it always saw.
+
+In a multi-process run (:mod:`fbnprune.distributed`) batch ``b`` of windows is scored on rank ``b % world`` and
+the per-batch NLL sums are added in batch order on every rank: the result is the one-process number exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.collect.sources import _tokenize_concat, load_texts
 from fbnprune.errors import UserError
 from fbnprune.models.feed import feed_info, start_tokens
@@ -80,12 +84,14 @@ def perplexity(
     if len(head):
         windows = torch.cat([head.expand(n_win, -1), windows], dim=1)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
     t0 = time.perf_counter()
-    for b in tqdm(range(0, n_win, batch_size), desc=desc, unit="batch", disable=not progress):
-        x = windows[b : b + batch_size].to(device)
-        nll += nll_of(x)
-        count += x.shape[0] * (seq_len - 1)
+    starts = list(range(0, n_win, batch_size))
+    mine: dict[int, tuple[float]] = {}
+    for i in tqdm(dist.shard(len(starts)), desc=desc, unit="batch", disable=not dist.progress_enabled(progress)):
+        mine[i] = (nll_of(windows[starts[i] : starts[i] + batch_size].to(device)),)
+    # per-batch sums added in batch order whichever rank computed them: the one-process sum, bit for bit
+    nll = dist.ordered_sum(mine, len(starts), what="perplexity")[0]
+    count = n_win * (seq_len - 1)
     return {
         "ppl": math.exp(nll / count),
         "nll": nll / count,

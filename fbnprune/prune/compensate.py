@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect.store import ActivationStore
 from fbnprune.discover import NetworkSet
@@ -198,18 +199,28 @@ def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ri
     assert store is not None
     report = {"ridge": ridge, "layers": {}, **(report or {})}
     mlps = adapter.mlps(model)
-    for i in tqdm(range(len(mlps)), desc="refit compensation", unit="layer", disable=not progress):
-        mlp = mlps[i]
-        w = adapter.down_weight(mlp)
+    by_layer = dist.sharding_layers(len(mlps))  # several processes: each layer solved on one rank, Gram included
+
+    def one(i: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | None:
+        w = adapter.down_weight(mlps[i])
         keep = plan.keep[i]
         if len(keep) == plan.widths[i]:
-            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
-            continue
-        g = augmented_gram(store, i)
+            return None
+        g = augmented_gram(store, i, reduce=not by_layer)
         w64 = w.detach().double().cpu()  # (d, width)
         cols, delta, extra = solve(i, g, w64, keep)
-        report["layers"][i] = {**(rel_errors(g, w64, keep, cols, delta) if errors else {}), **extra}
-        w[:, keep.to(w.device)] = cols.to(dtype=w.dtype, device=w.device)
+        info = {**(rel_errors(g, w64, keep, cols, delta) if errors else {}), **extra}
+        return cols.to(dtype=w.dtype, device="cpu"), delta, info  # the columns as the model stores them
+
+    for i, res in tqdm(dist.layer_results(len(mlps), one, "refit compensation"), total=len(mlps),
+                       desc="refit compensation", unit="layer", disable=not progress):
+        mlp = mlps[i]
+        w = adapter.down_weight(mlp)
+        if res is None:  # nothing pruned in this layer
+            adapter.add_down_bias_(mlp, torch.zeros(w.shape[0], dtype=torch.float64))
+            continue
+        cols, delta, report["layers"][i] = res
+        w[:, plan.keep[i].to(w.device)] = cols.to(w.device)
         adapter.add_down_bias_(mlp, delta)
     mark_bias(model, adapter, "refit")
     return report

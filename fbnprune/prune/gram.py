@@ -3,7 +3,10 @@
 ``G = [H, 1]^T [H, 1]`` (float64, ``(width + 1)^2``): the last row/column is the bias (constant) input, so a
 least-squares fit of the down projection with a free bias needs nothing else. ``H`` is read from the store's
 memory map in row chunks, so at most one layer's Gram (and one chunk of rows) is in memory at a time unless the
-cache is asked to keep more.
+cache is asked to keep more. In a multi-process run, per-layer work is shared out by layer and each layer's
+Gram is computed by the rank that owns the layer (``reduce=False``); where every rank needs the same layer (the
+one layer of a sequential step), each rank sums its share of the chunks and the partial Grams are all-reduced, so
+every rank gets the whole Gram (to float rounding) for ``1 / world`` of the work.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from fbnprune import distributed as dist
 from fbnprune.collect.store import ActivationStore
 from fbnprune.errors import UserError
 
@@ -32,8 +36,12 @@ def clear_gram_cache() -> None:
     _CACHE.clear()
 
 
-def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048) -> torch.Tensor:
-    """``[H, 1]^T [H, 1]`` of ``layer`` in float64 (accumulated chunk by chunk from float32 products)."""
+def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048, reduce: bool = True) -> torch.Tensor:
+    """``[H, 1]^T [H, 1]`` of ``layer`` in float64 (accumulated chunk by chunk from float32 products).
+
+    ``reduce`` (several processes): the ranks share the chunks out and all-reduce, so every rank must call it for
+    the layer; ``False``: this rank computes the whole Gram alone (per-layer work shared out by layer, see
+    :func:`fbnprune.distributed.layer_results`)."""
     key = (str(store.path), int(layer))
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -46,10 +54,14 @@ def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048) -
     arr = store.layer(layer)
     n, w = arr.shape
     g = torch.zeros(w + 1, w + 1, dtype=torch.float64)
-    for a in range(0, n, chunk_rows):
-        h = torch.from_numpy(np.array(arr[a : a + chunk_rows], dtype=np.float32))
+    starts = list(range(0, n, chunk_rows))
+    # every chunk in one process (or with reduce=False); chunk c on rank c % world in several
+    for c in dist.shard(len(starts)) if reduce else range(len(starts)):
+        h = torch.from_numpy(np.array(arr[starts[c] : starts[c] + chunk_rows], dtype=np.float32))
         g[:w, :w] += (h.T @ h).double()
         g[:w, w] += h.double().sum(0)
+    if reduce:
+        dist.all_reduce_(g, what=f"Gram matrix of layer {layer}")
     g[w, :w] = g[:w, w]
     g[w, w] = n
     if _CACHE_MAX > 0:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.collect.store import ActivationStore
 from fbnprune.errors import UserError
 from fbnprune.prune.gram import augmented_gram
@@ -141,9 +142,13 @@ def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     """Iterative OBS elimination per layer, from the stored activations' Gram matrices."""
     store = checked_store(ctx, "obs")
     sparsity, steps, ridge = elimination_options(ctx, "obs", ctx.obs_steps, "obs_steps", default_sparsity=0.5)
-    out = []
-    for i, m in enumerate(tqdm(ctx.adapter.mlps(ctx.model), desc="obs scoring", unit="layer", disable=not ctx.progress)):
-        w = ctx.adapter.down_weight(m).detach().double().cpu()
+    mlps = ctx.adapter.mlps(ctx.model)
+    by_layer = dist.sharding_layers(len(mlps))  # several processes: each layer on one rank, Gram included
+
+    def one(i: int) -> torch.Tensor:
+        w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
         n = w.shape[1]
-        out.append(obs_order(augmented_gram(store, i), w, round(n * (1 - sparsity)), steps, ridge))
-    return out
+        return obs_order(augmented_gram(store, i, reduce=not by_layer), w, round(n * (1 - sparsity)), steps, ridge)
+
+    return [s for _, s in tqdm(dist.layer_results(len(mlps), one, "obs scoring"), total=len(mlps),
+                               desc="obs scoring", unit="layer", disable=not ctx.progress)]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.arch import get_adapter
 from fbnprune.errors import UserError
 
@@ -42,13 +43,20 @@ def layer_sensitivity(
     adapter = get_adapter(model)
     seqs = list(sequences[:max_sequences])
     base = _loss(model, seqs, batch_size)
-    deltas = []
-    for mlp in tqdm(adapter.mlps(model), desc="layer sensitivity", unit="layer", disable=not progress):
-        handle = mlp.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    mlps = adapter.mlps(model)
+    mine: dict[int, float] = {}
+    # layers are independent: layer i on rank i % world, the same computation as in one process
+    for i in tqdm(dist.shard(len(mlps)), desc="layer sensitivity", unit="layer",
+                  disable=not dist.progress_enabled(progress)):
+        handle = mlps[i].register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
         try:
-            deltas.append(_loss(model, seqs, batch_size) - base)
+            mine[i] = _loss(model, seqs, batch_size) - base
         finally:
             handle.remove()
+    found: dict[int, float] = {}
+    for part in dist.all_gather_object(mine, what="layer sensitivity"):
+        found.update(part)
+    deltas = [found[i] for i in range(len(mlps))]
     return {"dense_loss": base, "delta": deltas, "tokens": sum(len(s) for s in seqs)}
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.discover import NetworkSet
 from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
 from fbnprune.prune.networks import network_neighbourhoods, scoring_networks
@@ -148,14 +149,17 @@ def redundancy_scores(ctx: ScoreContext, nets: NetworkSet, control: bool = False
     store = checked_store(ctx, name)
     mlps = ctx.adapter.mlps(ctx.model)
     sparsity, steps, ridge = elimination_options(ctx, name, ctx.redundancy_steps, "redundancy_steps")
-    out = []
-    for i, m in enumerate(tqdm(mlps, desc=f"{name} scoring", unit="layer", disable=not ctx.progress)):
-        w = ctx.adapter.down_weight(m).detach().double().cpu()
-        g = augmented_gram(store, i)
+    by_layer = dist.sharding_layers(len(mlps))  # several processes: each layer on one rank, Gram included
+
+    def one(i: int) -> torch.Tensor:
+        w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
+        g = augmented_gram(store, i, reduce=not by_layer)
         share = network_neighbourhoods(nets, i)
         nb: Neighbours = correlation_like(g, share) if control else (lambda alive, s=share: s)
-        out.append(redundancy_order(g, w, round(w.shape[1] * (1 - sparsity)), nb, steps, ridge))
-    return out
+        return redundancy_order(g, w, round(w.shape[1] * (1 - sparsity)), nb, steps, ridge)
+
+    return [s for _, s in tqdm(dist.layer_results(len(mlps), one, f"{name} scoring"), total=len(mlps),
+                               desc=f"{name} scoring", unit="layer", disable=not ctx.progress)]
 
 
 @register_scorer("corr_redundancy", needs=Needs(calibration=True, activations=True, networks=True))

@@ -22,6 +22,13 @@ Only the layer being processed has to be in memory: :class:`InMemoryLayers` serv
 plus the calibration hidden states. The loop is the same for both and takes the compute device as a parameter.
 After each layer the pruned layer and the hidden states are saved in a work directory, so an interrupted run
 resumes at the next layer and gives the same result.
+
+Several processes (:mod:`fbnprune.distributed`) share the calibration tokens of each layer: batch ``b`` is
+embedded and carried through the layers on rank ``b % world`` only. Each layer's activations travel to rank 0,
+which writes the layer's store exactly as one process does (rows, statistics); the Grams the scorers and re-fits
+read are summed over ranks chunk by chunk, the dense-target cross-Gram and the error sums over each rank's own
+rows. Every rank then prunes and re-fits the layer identically; rank 0 alone writes. Such a run does not resume
+(each rank's hidden states would have to be saved): it starts again from the first layer.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.arch import MLPAdapter, get_adapter
 from fbnprune.collect.capture import kept_rows, pad_batch
 from fbnprune.collect.store import ActivationStore, StoreWriter
@@ -159,7 +167,8 @@ class CheckpointLayers:
         self.model.eval()
         self.files = _weight_files(self.src)
         self.prefix = self.adapter.layers_path + "."
-        self.out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():  # rank 0 alone writes the pruned checkpoint
+            self.out.mkdir(parents=True, exist_ok=True)
         rest = {n: t for n, t in self._read(lambda n: not n.startswith(self.prefix)).items()}
         _set_tensors(self.model, rest, device=self.device)
         self.model.tie_weights()
@@ -189,9 +198,10 @@ class CheckpointLayers:
 
     def finish(self, i: int, layer: nn.Module) -> None:
         name = _layer_file(i)
-        sd = {f"{self.prefix}{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-        save_file(sd, str(self.out / f".{name}.partial"))
-        (self.out / f".{name}.partial").rename(self.out / name)
+        if dist.is_main():  # the other ranks hold the same pruned layer and only release it
+            sd = {f"{self.prefix}{i}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
+            save_file(sd, str(self.out / f".{name}.partial"))
+            (self.out / f".{name}.partial").rename(self.out / name)
         self.layer_files[i] = name
         layer.to("meta")  # frees the layer's memory; the module keeps its (pruned) shapes
 
@@ -285,13 +295,15 @@ def _base_model(model: nn.Module, adapter: MLPAdapter) -> tuple[nn.Module, nn.Mo
 
 @torch.no_grad()
 def embed_batches(model: nn.Module, adapter: MLPAdapter, sequences: list[torch.Tensor], *, batch_size: int,
-                  drop_first: int, device: torch.device) -> Batches:
+                  drop_first: int, device: torch.device, only: list[int] | None = None) -> Batches:
     """Run the model with every decoder layer replaced by :class:`_Catch`: the embeddings and each layer's
-    keyword arguments (attention masks, rotary embeddings, per layer type) exactly as the model makes them."""
+    keyword arguments (attention masks, rotary embeddings, per layer type) exactly as the model makes them.
+    ``only``: the indices of the batches to embed (this rank's share); None: all of them."""
     base, layers = _base_model(model, adapter)
     out = Batches([], [], [], [], [], [])
     real = list(layers)
-    for b in range(0, len(sequences), batch_size):
+    starts = list(range(0, len(sequences), batch_size))
+    for b in (starts[i] for i in (range(len(starts)) if only is None else only)):
         ids, mask = pad_batch(sequences[b:b + batch_size], 0)
         sink: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         first: dict[str, torch.Tensor] = {}
@@ -365,7 +377,8 @@ def run_layer(layer: nn.Module, adapter: MLPAdapter, i: int, xs: list[torch.Tens
 
 def _rel(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor | list[torch.Tensor],
          keep: list[torch.Tensor] | None = None) -> float:
-    """``||a - b||^2 / ||b||^2`` (over the counted rows when ``a``/``b`` are per-batch hidden states)."""
+    """``||a - b||^2 / ||b||^2`` (over the counted rows when ``a``/``b`` are per-batch hidden states), both sums
+    over every rank's rows."""
     if isinstance(a, list):
         assert isinstance(b, list) and keep is not None
         num = sum(float((x[k] - y[k]).double().pow(2).sum()) for x, y, k in zip(a, b, keep, strict=True))
@@ -373,19 +386,22 @@ def _rel(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor | list[torch.Tens
     else:
         assert isinstance(b, torch.Tensor)
         num, den = float((a - b).double().pow(2).sum()), float(b.double().pow(2).sum())
+    if dist.active():
+        num, den = dist.all_reduce_(torch.tensor([num, den], dtype=torch.float64), what="layer errors").tolist()
     return num / max(den, 1e-30)
 
 
-def _one_layer_store(path: Path, h: torch.Tensor, batches: Batches, key: str, meta: dict[str, Any],
-                     doc_ids: list[int] | None = None) -> ActivationStore:
-    """``h`` as a one-layer activation store (what scorers, discovery and compensations read)."""
+def _one_layer_store(path: Path, h: torch.Tensor, keeps: list[torch.Tensor], first_seq: list[int], key: str,
+                     meta: dict[str, Any], doc_ids: list[int] | None = None) -> ActivationStore:
+    """``h`` as a one-layer activation store (what scorers, discovery and compensations read); ``keeps`` and
+    ``first_seq`` describe every batch (the counted rows, the index of its first sequence)."""
     writer = StoreWriter(path, [h.shape[1]], h.shape[0], True,
                          dict(meta, data_sha256=key, model={"sha256": key, "dtype": "float32"}))
     try:
         o = 0
-        for b, keep in enumerate(batches.keep):
+        for b, keep in enumerate(keeps):
             bi, pos = keep.cpu().nonzero(as_tuple=True)
-            seq = bi + batches.first_seq[b]
+            seq = bi + first_seq[b]
             writer.rows[o:o + len(bi), 0] = seq.numpy()
             writer.rows[o:o + len(bi), 1] = pos.numpy()
             writer.rows[o:o + len(bi), 2] = torch.as_tensor(doc_ids)[seq].numpy() if doc_ids else seq.numpy()
@@ -398,14 +414,59 @@ def _one_layer_store(path: Path, h: torch.Tensor, batches: Batches, key: str, me
 
 
 def _cross_gram(hc: torch.Tensor, hd: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """``[H_c, 1]^T H_d`` in float64 (the right-hand side of a re-fit towards the dense model's output)."""
+    """``[H_c, 1]^T H_d`` in float64 (the right-hand side of a re-fit towards the dense model's output), summed
+    over every rank's rows."""
     w = hc.shape[1]
     c = torch.zeros(w + 1, hd.shape[1], dtype=torch.float64)
     for a in range(0, hc.shape[0], chunk):
         x, y = hc[a:a + chunk], hd[a:a + chunk]
         c[:w] += (x.T @ y).double()
         c[w] += y.double().sum(0)
-    return c
+    return dist.all_reduce_(c, what="cross-Gram")
+
+
+def _all_batches(sequences: list[torch.Tensor], batch_size: int, drop_first: int) -> tuple[list[torch.Tensor], list[int]]:
+    """The counted rows and first sequence of every calibration batch (what rank 0 needs to lay out all ranks'
+    rows in a layer store, without embedding the other ranks' batches)."""
+    keeps, first = [], []
+    for b in range(0, len(sequences), batch_size):
+        _, mask = pad_batch(sequences[b:b + batch_size], 0)
+        keeps.append(kept_rows(mask, drop_first))
+        first.append(b)
+    return keeps, first
+
+
+def _rows_to_main(h: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """Every rank's rows ``h`` (its batches', in order) as one matrix in batch order on rank 0; None elsewhere."""
+    world, me = dist.world(), dist.rank()
+    parts: list[torch.Tensor | None] = [None] * len(counts)
+    off = 0
+    for step in range(-(-len(counts) // world)):
+        batch = [step * world + r for r in range(world)]
+        n = [counts[b] if b < len(counts) else 0 for b in batch]
+        got = dist.gather_rows(h[off:off + n[me]], n, what="layer activations")
+        off += n[me]
+        for b, part in zip(batch, got or [], strict=False):
+            if b < len(counts):
+                parts[b] = part
+    return torch.cat(parts) if dist.is_main() else None  # type: ignore[arg-type]
+
+
+def _layer_store(path: Path, i: int, hc: torch.Tensor, batches: Batches, sequences: list[torch.Tensor],
+                 opts: SequentialOptions, doc_ids: list[int] | None) -> ActivationStore:
+    """Layer ``i``'s activations on the pruned model's inputs as a one-layer store; in several processes rank 0
+    writes it from every rank's rows, the others open it once written."""
+    meta = {"source": "sequential", "drop_first": opts.drop_first}
+    if not dist.active():
+        key = hashlib.sha256(hc.numpy().tobytes()).hexdigest()[:20]
+        return _one_layer_store(path, hc, batches.keep, batches.first_seq, f"sequential-{i}-{key}", meta, doc_ids)
+    keeps, first = _all_batches(sequences, opts.batch_size, opts.drop_first)
+    full = _rows_to_main(hc, [int(k.sum()) for k in keeps])
+    if full is not None:
+        key = hashlib.sha256(full.numpy().tobytes()).hexdigest()[:20]
+        _one_layer_store(path, full, keeps, first, f"sequential-{i}-{key}", meta, doc_ids)
+    dist.barrier("layer store")
+    return ActivationStore(path)
 
 
 class _OneLayer:
@@ -459,21 +520,27 @@ def prune_sequential(
     device = torch.device(device)
     model, adapter = layers.model, layers.adapter
     work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    main, several = dist.is_main(), dist.active()
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
     n_layers = len(adapter.layers(model))
     widths = [adapter.width(getattr(layer, adapter.mlp_attr)) for layer in adapter.layers(model)]
     kept = list(opts.kept_widths) if opts.kept_widths is not None else uniform_widths(widths, opts)
     if len(kept) != n_layers or any(not 0 < k <= w for k, w in zip(kept, widths, strict=True)):
         raise UserError(f"kept widths {kept} do not fit the model's layer widths {widths}")
+    n_batches = -(-len(sequences) // opts.batch_size)
+    if several and n_batches < dist.world():
+        raise UserError(f"{n_batches} calibration batches for {dist.world()} processes: every process needs at least "
+                        "one (more calibration tokens, a smaller collect.batch_size or fewer processes)")
     batches = embed_batches(model, adapter, sequences, batch_size=opts.batch_size, drop_first=opts.drop_first,
-                            device=device)
+                            device=device, only=dist.shard(n_batches) if several else None)
     xs = [h.to(device) for h in batches.hidden]
     ds = [h.clone() for h in xs]
     records: list[dict[str, Any]] = []
     keeps: list[torch.Tensor] = []
     start = 0
     state = work / "stream.pt"
-    if state.is_file():  # resume: finished layers come back from the work directory
+    if state.is_file() and not several:  # resume: finished layers come back from the work directory
         st = torch.load(state, weights_only=True)
         start = int(st["next"])
         xs, ds = [x.to(device) for x in st["x"]], [d.to(device) for d in st["d"]]
@@ -497,10 +564,7 @@ def prune_sequential(
         ds_next, hd, yd = run_layer(layer, adapter, i, ds, batches)
         assert hc is not None and hd is not None and yd is not None
         store_dir = work / f"store_{i:03d}"
-        key = hashlib.sha256(hc.numpy().tobytes()).hexdigest()[:20]
-        store = _one_layer_store(store_dir, hc, batches, f"sequential-{i}-{key}", {"source": "sequential",
-                                                                                  "drop_first": opts.drop_first},
-                                 doc_ids)
+        store = _layer_store(store_dir, i, hc, batches, sequences, opts, doc_ids)
         view = _OneLayer(model.config, adapter, layer)
         w = widths[i]
         plan = KeepPlan(widths=[w], keep=[torch.arange(w)])
@@ -513,7 +577,9 @@ def prune_sequential(
                                sparsity=1 - kept[i] / w, ridge=opts.ridge, fbn_rule=opts.fbn_rule,
                                networks=nets, discover=opts.discover, progress=False)
             scores = score_neurons(opts.method, ctx)
-            plan = KeepPlan(widths=[w], keep=[top_k(scores[0], kept[i])])
+            # the same scores on every rank; rank 0's choice is the one every rank prunes by
+            keep = dist.broadcast_object(top_k(scores[0], kept[i]), what=f"neurons kept in layer {i}")
+            plan = KeepPlan(widths=[w], keep=[keep])
         cfg_before = {k: getattr(model.config, k, None) for k in ("mlp_bias", "fbnprune_compensation")}
         comp: Any = None
         if kept[i] == w:  # a protected layer: unchanged, with the zero bias a compensated checkpoint needs
@@ -541,12 +607,15 @@ def prune_sequential(
             setattr(model, UNEXPORTABLE_ATTR, rec["unexportable"])
         ds = ds_next
         # checkpoint: the pruned layer, its record, then (last, atomically) the streams that resume after it
-        save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()},
-                  str(work / f"layer_{i:03d}.safetensors"))
-        (work / f"layer_{i:03d}.json").write_text(json.dumps({**rec, "keep": plan.keep[0].tolist()}))
-        torch.save({"next": i + 1, "x": [x.cpu() for x in xs], "d": [d.cpu() for d in ds]}, work / "stream.tmp")
-        (work / "stream.tmp").replace(state)
-        shutil.rmtree(store_dir, ignore_errors=True)
+        if not several:
+            save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()},
+                      str(work / f"layer_{i:03d}.safetensors"))
+            (work / f"layer_{i:03d}.json").write_text(json.dumps({**rec, "keep": plan.keep[0].tolist()}))
+            torch.save({"next": i + 1, "x": [x.cpu() for x in xs], "d": [d.cpu() for d in ds]}, work / "stream.tmp")
+            (work / "stream.tmp").replace(state)
+        dist.barrier("layer done")  # every rank has read the layer's store before rank 0 removes it
+        if main:
+            shutil.rmtree(store_dir, ignore_errors=True)
         layers.finish(i, layer)
         records.append(rec)
         keeps.append(plan.keep[0])
@@ -562,7 +631,8 @@ def prune_sequential(
             adapter.set_config_width(model.config, full.kept_widths[0])
         else:
             model.config.fbnprune_layer_widths = full.kept_widths
-    shutil.rmtree(work, ignore_errors=True)
+    if main:
+        shutil.rmtree(work, ignore_errors=True)
     return SequentialResult(full, records)
 
 

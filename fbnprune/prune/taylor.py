@@ -7,7 +7,8 @@ A neuron's group is its input rows (gate and up, or ``c_fc``), their biases, and
 * ``param_first`` (default, LLM-Pruner's element-wise first order): ``sum_group |w * g|``.
 * ``vector``: ``|sum_group w * g|`` (the group removed as one vector).
 
-Gradients are summed over calibration batches (mean token loss per batch). Only MLP weights get gradients, so
+Gradients are summed over calibration batches (mean token loss per batch); in a multi-process run each rank
+takes its share of the batches and the gradients are all-reduced. Only MLP weights get gradients, so
 embeddings and attention are not doubled in memory.
 
 Settings (:class:`~fbnprune.prune.scorers.ScoreContext` fields): ``taylor_variant``, ``taylor_max_sequences``
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fbnprune import distributed as dist
 from fbnprune.arch.base import MLPAdapter
 from fbnprune.errors import UserError
 from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
@@ -85,13 +87,20 @@ def taylor_scores(ctx: ScoreContext) -> list[torch.Tensor]:
             p.grad = None
         for p in params:
             p.requires_grad_(True)
+        starts = list(range(0, len(seqs), bs))
         with torch.enable_grad():
-            for b in tqdm(range(0, len(seqs), bs), desc="taylor gradients", unit="batch", disable=not ctx.progress):
-                chunk = seqs[b : b + bs]
+            for i in tqdm(dist.shard(len(starts)), desc="taylor gradients", unit="batch",
+                          disable=not dist.progress_enabled(ctx.progress)):
+                chunk = seqs[starts[i] : starts[i] + bs]
                 n = min(len(s) for s in chunk)
                 x = torch.stack([s[:n] for s in chunk]).to(device)
                 out = model(input_ids=x, labels=x, use_cache=False)
                 out.loss.backward()
+        if dist.active():  # gradients are sums over batches: each rank's batches, then the sum over ranks
+            for p in params:
+                if p.grad is None:  # a rank that got no batch
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce_(p.grad, what="taylor gradients")
         scores = []
         for m in mlps:
             if variant == "param_first":
