@@ -12,8 +12,9 @@ Modes, all OBS + re-fit at 50 % of MLP neurons:
 
 The synthetic model (random weights, cached under the fbnprune cache, never committed) is calibrated on seeded
 random tokens; the real models on the leaderboard's calibration text. Each child prints one JSON line; the parent
-writes ``memory.json`` (peak RSS in MB, weights in MB, seconds, and a digest of the pruned weights, equal for the
-two sequential modes when both run). The Python interpreter with torch and transformers imported takes about
+adds it to ``memory.json`` as soon as it finishes (peak RSS in MB, weights in MB, seconds, a digest of the pruned
+MLP weights: equal for the two sequential modes when both ran, ``sequential_equal``). ``--modes`` measures only
+some modes. The Python interpreter with torch and transformers imported takes about
 260 MB of that peak on its own.
 """
 
@@ -87,6 +88,20 @@ def _calibration(kind: str, model_dir: Path) -> list[Any]:
     return make_sequences(tok, c["source"], n_tokens=c["n_tokens"], seq_len=c["seq_len"], seed=c["seed"]).sequences
 
 
+class _LazyTensors(dict):
+    """The MLP tensors of a written checkpoint, read one at a time (the digest must not load the whole model)."""
+
+    def __init__(self, d: Path) -> None:
+        index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+        super().__init__({n: d / f for n, f in index.items() if ".mlp." in n})
+
+    def __getitem__(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(dict.__getitem__(self, name)), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+
 def _digest(tensors: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for n in sorted(tensors):
@@ -134,31 +149,35 @@ def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
             layers = CheckpointLayers(model_dir, work / "out")
             res = prune_sequential(layers, seqs, opts, work / "seq")
             out = layers.write_checkpoint(res.plan)
-            from safetensors.torch import load_file
-
-            tensors: dict[str, Any] = {}
-            for f in out.glob("model-layer-*.safetensors"):
-                tensors.update(load_file(str(f)))
-            digest = _digest(tensors)
+        # the peak of pruning, before the digest reads the result back
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if mode == "sequential-onload":
+            digest = _digest(_LazyTensors(out))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "peak_rss_mb": round(peak, 1), "seconds": round(time.perf_counter() - t0, 1),
             "mlp_digest": digest}
 
 
-def measure(kind: str, model_dir: Path, name: str) -> dict[str, Any]:
-    rows = []
-    for mode in MODES:
+def measure(kind: str, model_dir: Path, name: str, modes: list[str], out: Path, config: Any) -> None:
+    """Each mode in a fresh process; ``out`` is updated after each one (a row per model and mode, the latest
+    measurement replacing an earlier one), so a long run keeps what it finished."""
+    for mode in modes:
         print(f"[memory] {name}: {mode} ...", flush=True)
         p = subprocess.run([sys.executable, __file__, "_child", kind, str(model_dir), mode], capture_output=True,
                            text=True)
         if p.returncode != 0:
             raise SystemExit(f"{name} {mode} failed:\n{p.stderr[-3000:]}")
-        row = json.loads(p.stdout.strip().splitlines()[-1])
-        print(f"[memory] {name}: {row}", flush=True)
-        rows.append({"model": name, "weights_mb": weights_mb(model_dir), **row})
-    return {"rows": rows, "sequential_equal": rows[1]["mlp_digest"] == rows[2]["mlp_digest"]}
+        row = {"model": name, "weights_mb": weights_mb(model_dir), **json.loads(p.stdout.strip().splitlines()[-1]),
+               **record()}
+        print(f"[memory] {name}: {row['mode']} peak RSS {row['peak_rss_mb']} MB, {row['seconds']} s", flush=True)
+        data = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+        run = data["runs"].setdefault(name, {"rows": [], "config": config})
+        run["rows"] = [r for r in run["rows"] if r["mode"] != mode] + [row]
+        digests = {r["mode"]: r["mlp_digest"] for r in run["rows"]}
+        if "sequential" in digests and "sequential-onload" in digests:
+            run["sequential_equal"] = digests["sequential"] == digests["sequential-onload"]
+        write_json(out, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("synthetic")
     r = sub.add_parser("real")
     r.add_argument("--model", required=True, choices=["smollm2-135m", "gemma3-270m"])
+    for sp in (sub.choices["synthetic"], r):
+        sp.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     c = sub.add_parser("_child")
     c.add_argument("kind")
     c.add_argument("model_dir", type=Path)
@@ -183,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
         d, name, kind = _converted_gguf_dir(BUILTINS[args.model].locate())[0], args.model, "real"
     out = HERE / "memory.json"
-    old = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    res = measure(kind, d, name)
-    old["runs"][name] = {**res, "config": SYNTH if kind == "synthetic" else None, **record()}
-    write_json(out, old)
+    measure(kind, d, name, args.modes, out, SYNTH if kind == "synthetic" else None)
     print(f"[memory] wrote {out}")
     return 0
 
