@@ -204,6 +204,7 @@ class CheckpointLayers:
             (self.out / f".{name}.partial").rename(self.out / name)
         self.layer_files[i] = name
         layer.to("meta")  # frees the layer's memory; the module keeps its (pruned) shapes
+        release_freed_memory()
 
     def write_checkpoint(self, plan: KeepPlan, extra_config: dict[str, Any] | None = None) -> Path:
         """Non-layer weights, an index of every tensor and the pruned config: a directory ``from_pretrained``
@@ -231,6 +232,26 @@ class CheckpointLayers:
                     ("config", "model")) and f.name != "fbnprune_source.json":
                 shutil.copy2(f, self.out / f.name)
         return self.out
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A layer's tensors (a few MB each) come from the C heap, and glibc keeps freed heap pages mapped: without this,
+    layer-by-layer pruning of a 12-layer Llama grew from 552 to 740 MB over its layers; with it, the process stayed
+    at 508 MB after every layer (measured with one thread on the development machine)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _layer_file(i: int) -> str:
