@@ -130,6 +130,13 @@ def collect_stage(r: Run) -> None:
     r.report["calibration"].update(rows=r.store.n_rows, store=str(r.store.path))
 
 
+def default_discover(r: Run) -> DiscoverConfig:
+    """Discovery settings of a recipe without a discover section: the reference's blocks of 40 texts need
+    document-mode calibration; packed calibration gets blocks of 2048 rows."""
+    packed = r.recipe.collect is not None and r.recipe.collect.mode == "pack"
+    return DiscoverConfig(block_texts=None, block_rows=2048) if packed else DiscoverConfig()
+
+
 def discover_stage(r: Run) -> None:
     p = r.recipe.prune
     # sequential pruning finds its networks layer by layer, on the pruned model's activations
@@ -139,10 +146,9 @@ def discover_stage(r: Run) -> None:
     if r.store is None:
         raise UserError("prune.method fbn needs a collect section")
     cfg = r.recipe.discover
-    if cfg is None:  # reference settings; blocks of 40 texts need document-mode calibration, else 2048 rows
-        packed = r.recipe.collect is not None and r.recipe.collect.mode == "pack"
-        cfg = DiscoverConfig(block_texts=None, block_rows=2048) if packed else DiscoverConfig()
-        r.note(f"discover: default settings ({'blocks of 2048 tokens' if packed else 'blocks of 40 texts'})")
+    if cfg is None:
+        cfg = default_discover(r)
+        r.note(f"discover: default settings ({'blocks of 40 texts' if cfg.block_texts else 'blocks of 2048 tokens'})")
     r.networks = run_discovery(r.store, cfg)
     s = r.networks.summary
     say(f"networks: {s.get('runs_ok')} ICA run(s) ok, {s.get('runs_failed', 0)} failed -> {r.networks.path}")
@@ -219,7 +225,8 @@ def sequential_stage(r: Run) -> None:
     p, c = r.recipe.prune, r.recipe.collect
     opts = SequentialOptions(
         method=p.method, sparsity=r.plan.sparsity, compensate=p.compensate, refit_target=p.refit_target,
-        ridge=p.ridge, fbn_rule=p.fbn_rule, discover=r.recipe.discover, protected=tuple(r.plan.info["protected"]),
+        ridge=p.ridge, fbn_rule=p.fbn_rule, discover=r.recipe.discover or default_discover(r),
+        protected=tuple(r.plan.info["protected"]),
         min_width=p.min_width, round_to=p.round_to, mode=p.mode, seed=p.seed, batch_size=c.batch_size,
         drop_first=c.drop_first, kept_widths=tuple(r.plan.kept_widths))
     model_id = str(r.lm.info.get("sha256") or r.lm.info.get("source"))
