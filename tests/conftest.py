@@ -128,3 +128,15 @@ def tiny_llama():
 def tokens():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (2, 16), generator=g)
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    """A saved tiny Llama with a word-level tokenizer, plus calibration and evaluation text files (per module)."""
+    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An fbnprune cache of the test's own (modules that write to the cache use it for every test)."""
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))

@@ -10,13 +10,6 @@ import yaml
 from fbnprune.cli import main
 from fbnprune.recipe import load_recipe
 from fbnprune.run import run
-from tests.conftest import make_tiny_env
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    """A saved tiny Llama with a word-level tokenizer, plus calibration and evaluation text files."""
-    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
 
 
 def recipe_file(env, tmp_path, speed=False, **prune):
@@ -37,9 +30,8 @@ def recipe_file(env, tmp_path, speed=False, **prune):
     return p
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+# every test of this module gets its own fbnprune cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.mark.parametrize(

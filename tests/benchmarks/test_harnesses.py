@@ -13,12 +13,7 @@ import torch
 import fbnprune.run as pipeline
 from fbnprune.prune import SCORERS
 from tests.benchmarks import BENCHMARKS, load_script
-from tests.conftest import WORDS, make_tiny_env
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
+from tests.conftest import WORDS
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,9 @@ from benchmarks.runner import Bench, CellDir, Protocol, command_line, record, sh
 from fbnprune.errors import UserError
 from fbnprune.recipe import Recipe
 from tests.benchmarks import BENCHMARKS, load_script
-from tests.conftest import make_tiny_env
 
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+# every test of this module gets its own fbnprune cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture

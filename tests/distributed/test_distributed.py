@@ -18,16 +18,10 @@ import torch
 import yaml
 
 from fbnprune import distributed as dist
-from tests.conftest import make_tiny_env
 from tests.distributed.helpers import COLLECTIVE_TIMEOUT_S, REPO, free_port, launch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
 
 
 def recipe(env: Path, tmp_path: Path, **prune) -> Path:

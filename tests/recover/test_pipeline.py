@@ -15,18 +15,11 @@ from fbnprune.export.hf import export_hf
 from fbnprune.recipe import load_recipe
 from fbnprune.recover import recover_
 from fbnprune.run import run
-from tests.conftest import make_tiny_env, word_tokenizer
+from tests.conftest import word_tokenizer
 from tests.recover.helpers import config, pair
 
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    return make_tiny_env(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+# every test of this module gets its own fbnprune cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def recipe_file(env, tmp_path, **recover):
