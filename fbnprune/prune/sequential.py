@@ -169,7 +169,7 @@ class CheckpointLayers:
         self.prefix = self.adapter.layers_path + "."
         if dist.is_main():  # rank 0 alone writes the pruned checkpoint
             self.out.mkdir(parents=True, exist_ok=True)
-        rest = {n: t for n, t in self._read(lambda n: not n.startswith(self.prefix)).items()}
+        rest = self._read(lambda n: not n.startswith(self.prefix))
         _set_tensors(self.model, rest, device=self.device)
         self.model.tie_weights()
         self.rest_names = sorted(rest)
