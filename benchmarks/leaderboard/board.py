@@ -83,6 +83,7 @@ def row(cell: dict[str, Any], tasks: list[str], dense_mean: float | None) -> dic
         "params": ev["params"],
         "seconds": cell["meta_info"].get("seconds"),
         "carried": bool(cell["meta_info"].get("carried_from")),
+        "carry_refused": bool(cell["meta_info"].get("carry_refused")),
     }
 
 
@@ -319,7 +320,13 @@ def main() -> int:
         if carried:
             md += [f"{carried} cells carry their perplexities and accuracies over from an archived version that fed "
                    "this model the same token sequences (each cell's `meta_info.carried_from` names its file); "
-                   "their KL and top-1 columns were measured under this version.", ""]
+                   "their KL and top-1 columns were measured under this version, and the re-pruned model "
+                   "reproduced the archived perplexity at the longest window (`meta_info.carry_check`).", ""]
+        refused = [r["cell"] for r in rows if r["carry_refused"]]
+        if refused:
+            md += [f"{len(refused)} archived cells did not reproduce when pruned again (perplexity at the longest "
+                   f"window off by more than 0.1 %; `meta_info.carry_refused`), so they were measured in full: "
+                   f"{', '.join(refused)}.", ""]
         md += dense_warning(dense_row)
         head = ["method", "sparsity", "alloc", "ppl@128", "ppl@2048", "KL", "top-1", *tasks, "mean acc", "retention",
                 "params"]

@@ -16,7 +16,10 @@ stopped. Cells run in the order of the ``--cells`` patterns (then by name), so t
 
 carries the cells of an archived version over (``v2/results/<model>/``) when that version fed the model the same
 token sequences: the cell is pruned again and only what the older protocol lacked (the retention column) is
-measured; its perplexities and accuracies are the archived ones, and the cell says where they came from.
+measured; its perplexities and accuracies are the archived ones, and the cell says where they came from. A carried
+cell must reproduce: the re-pruned model's perplexity at the longest window is measured again, and when it differs
+from the archived one by more than ``CARRY_RTOL`` (code or discovery has changed since that version) the cell is
+measured in full instead and says why (``meta_info.carry_refused``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ def ordered_cells(model: str, patterns: list[str]) -> dict[str, Path]:
     return {n: names[n] for n in sorted(order, key=lambda n: (order[n], n))}
 
 
+#: how far a re-pruned cell's perplexity may lie from the archived one for the archived measurements to carry over
+CARRY_RTOL = 1e-3
+
+
 def carried(archive: Path | None, name: str, version: str | None, model: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The archived cell's measurements and the note that says where they came from, or (None, {})."""
     old = archive / f"{name}.json" if archive is not None else None
@@ -75,6 +82,18 @@ def carried(archive: Path | None, name: str, version: str | None, model: str) ->
         return None, {}
     return json.loads(old.read_text())["eval_info"], {
         "carried_from": f"{version}/results/{model}/{name}.json (perplexity, tasks)"}
+
+
+def reproduces(bench: Bench, model: Any, archived: dict[str, Any], name: str) -> dict[str, Any]:
+    """The carry check: ``model``'s perplexity at the protocol's longest window measured again against the archived
+    cell's. Returns the record; ``record["ok"]`` says whether the archived measurements may stand for ``model``."""
+    seq_len = max(bench.protocol.seq_lens)
+    was = archived[f"ppl{seq_len}"]["ppl"]
+    now = bench.perplexity(model, seq_len, f"{name} carry check ppl@{seq_len}")["ppl"]
+    ok = abs(now - was) <= CARRY_RTOL * abs(was)
+    if not ok:
+        say(f"{name}: re-pruned ppl@{seq_len} {now:.4f} differs from the archived {was:.4f}: measured in full")
+    return {"ok": ok, "seq_len": seq_len, "archived": was, "remeasured": now, "rtol": CARRY_RTOL}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +131,23 @@ def main(argv: list[str] | None = None) -> int:
                 **extra, "seconds": round(time.perf_counter() - t0, 1), **more,
                 "provenance": bench.provenance(recipe)}
 
+    def checked(model: Any, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cell's measurements: the archived ones when they exist and ``model`` reproduces them (retention
+        measured now, it is new in this version), else every part of the protocol measured now."""
+        res, extra = carried(archive, name, args.carry_from, args.model)
+        if res is not None:
+            check = reproduces(bench, model, res, name)
+            if check.pop("ok"):
+                extra["carry_check"] = check
+                if model is not bench.dense:
+                    res["retention"] = bench.retention(model)
+                return res, extra
+            extra = {"carry_refused": {**check, "from": extra["carried_from"]}}
+        return bench.evaluate(model, name), extra
+
     if not out.done("dense"):
         t0, started = time.perf_counter(), machine()
-        res, extra = carried(archive, "dense", args.carry_from, args.model)
-        res = res or bench.evaluate(bench.dense, "dense")
+        res, extra = checked(bench.dense, "dense")
         res["params"] = count_params(bench.dense)
         out.write("dense", {"run_info": {"cell": "dense", "method": "dense", "sparsity": 0.0, "allocation": "-",
                                          "compensate": "none"},
@@ -125,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"cell {name}")
         recipe = load_recipe(cells[name], calib)
         r = bench.prune(recipe)
-        res, extra = carried(archive, name, args.carry_from, args.model)
-        if res is None:
-            res = bench.evaluate(r.lm.model, name)
-        else:  # the older protocol measured the rest on the same tokens: only its missing column is measured
-            res["retention"] = bench.retention(r.lm.model)
+        res, extra = checked(r.lm.model, name)
         say(f"{name}: KL(dense||pruned) {res['retention']['kl']:.4f}, top-1 agreement "
             f"{res['retention']['top1_agreement']:.2%}")
         res["params"] = count_params(r.lm.model)

@@ -151,6 +151,7 @@ def test_retention_column_head_to_head_and_guards(board):
         (res / f"{name}.json").write_text(json.dumps(c))
     c = cell("fbn-30", "fbn", 0.3, [0.55] * 6, 22.0, 80, compensate="refit")
     c["eval_info"]["retention"] = {"kl": 0.15, "top1_agreement": 0.8}
+    c["meta_info"]["carry_refused"] = {"seq_len": 2048, "archived": 21.0, "remeasured": 22.0, "from": "v2/..."}
     (res / "fbn-30.json").write_text(json.dumps(c))
     assert mod.main() == 0
     md = (d / "README.md").read_text()
@@ -160,6 +161,7 @@ def test_retention_column_head_to_head_and_guards(board):
     assert "| fbn-global" not in md and "| fbn | 30% | global | 90.00 | 72.00 | — | — |" in md
     assert "| 30% | KL to dense | 0.1500 | obs+refit | 0.2000 | +25.0% of the KL |" in md
     assert "2 cells carry their perplexities and accuracies over" in md
+    assert "1 archived cells did not reproduce when pruned again" in md and "measured in full: fbn-30." in md
     assert "**Warning**" not in md  # dense 20 / 16: plausible
     with (d / "results" / "summary.csv").open() as f:
         by = {r["method"]: r for r in csv.DictReader(f) if r["allocation"] == "uniform"}

@@ -141,16 +141,29 @@ def leaderboard(tmp_path, tiny_env, restore_scoring):
     for name, prune in (("a-25", {"method": "wanda_sp"}), ("b-25", {"method": "magnitude"}),
                         ("b-50", {"method": "magnitude", "sparsity": 0.5})):
         (grid / f"{name}.yaml").write_text(yaml.safe_dump(grid_recipe(tiny_env, name, **prune)))
+    return d, load_script(d / "run.py", "leaderboard_run")
+
+
+def archive(d, cells: dict[str, dict]) -> None:
+    """An archived version 'v8' of the tiny leaderboard holding ``cells`` (name -> eval_info)."""
     old = d / "v8" / "results" / "tiny"
     old.mkdir(parents=True)
-    for name, ppl in (("dense", 10.0), ("a-25", 123.0)):
-        (old / f"{name}.json").write_text(json.dumps({"eval_info": {"ppl16": {"ppl": ppl}, "ppl32": {"ppl": ppl},
-                                                                    "params": 0}}))
-    return d, load_script(d / "run.py", "leaderboard_run")
+    for name, ev in cells.items():
+        (old / f"{name}.json").write_text(json.dumps({"eval_info": ev}))
 
 
 def test_leaderboard_order_carry_over_results_dir_and_resume(leaderboard, tmp_path, capsys, monkeypatch):
     d, mod = leaderboard
+    # the archive: dense and a-25 as this code measures them, except a ppl16 that marks them as carried; b-50 with
+    # a ppl32 this code does not reproduce (as if discovery had changed since that version)
+    fresh = tmp_path / "fresh"
+    assert mod.main(["--model", "tiny", "--cells", "a-25", "b-50", "--results", str(fresh)]) == 0
+    measured = {n: json.loads((fresh / "tiny" / f"{n}.json").read_text())["eval_info"] for n in ("dense", "a-25", "b-50")}
+    true_b50 = measured["b-50"]["ppl32"]["ppl"]
+    archive(d, {"dense": {**measured["dense"], "ppl16": {"ppl": 10.0}},
+                "a-25": {**measured["a-25"], "ppl16": {"ppl": 123.0}},
+                "b-50": {**measured["b-50"], "ppl32": {"ppl": true_b50 * 1.01}}})
+    capsys.readouterr()
     res = tmp_path / "elsewhere"
     argv = ["--model", "tiny", "--cells", "b-*", "a-25", "--carry-from", "v8", "--results", str(res)]
     monkeypatch.setattr(sys, "argv", ["benchmarks/leaderboard/run.py", *argv])
@@ -161,10 +174,19 @@ def test_leaderboard_order_carry_over_results_dir_and_resume(leaderboard, tmp_pa
     cells = {p.stem: json.loads(p.read_text()) for p in (res / "tiny").glob("*.json")}
     assert set(cells) == {"dense", "a-25", "b-25", "b-50"}
     a, b, dense = cells["a-25"], cells["b-25"], cells["dense"]
-    # carried: the archived perplexities, a retention entry measured now, and where they came from
+    # carried: the archived perplexities, a retention entry measured now, where they came from and the check
     assert a["eval_info"]["ppl16"] == {"ppl": 123.0} and a["eval_info"]["retention"]["kl"] > 0
     assert a["meta_info"]["carried_from"] == "v8/results/tiny/a-25.json (perplexity, tasks)"
-    assert dense["eval_info"]["ppl32"] == {"ppl": 10.0} and "carried_from" in dense["meta_info"]
+    check = a["meta_info"]["carry_check"]
+    assert check["seq_len"] == 32 and check["remeasured"] == pytest.approx(check["archived"], rel=1e-6)
+    assert dense["eval_info"]["ppl16"] == {"ppl": 10.0} and "carried_from" in dense["meta_info"]
+    # not reproduced: measured in full, and the cell says why
+    b50 = cells["b-50"]
+    assert b50["eval_info"]["ppl32"]["ppl"] == pytest.approx(true_b50, rel=1e-6) and "seq_len" in b50["eval_info"]["ppl16"]
+    assert "carried_from" not in b50["meta_info"] and b50["eval_info"]["retention"]["kl"] > 0
+    refused = b50["meta_info"]["carry_refused"]
+    assert refused["archived"] == pytest.approx(true_b50 * 1.01) and refused["from"].startswith("v8/results/tiny/b-50")
+    assert "b-50: re-pruned ppl@32" in out
     # not in the archive: measured under this protocol
     assert b["eval_info"]["ppl16"]["seq_len"] == 16 and "carried_from" not in b["meta_info"]
     assert b["run_info"]["method"] == "magnitude" and b["run_info"]["kept_widths"] == [96, 96]
