@@ -191,21 +191,9 @@ def make_sequences(
     texts = load_texts(source)
     if not texts:
         raise UserError(f"text source {source!r} is empty")
-    g = torch.Generator().manual_seed(seed)
     if mode == "pack":
         ids = _tokenize_concat(tokenizer, texts, limit=None)
-        n_win = len(ids) // seq_len
-        want = -(-n_tokens // seq_len)
-        if n_win < want:
-            raise UserError(
-                f"source {source!r} has {len(ids)} tokens, fewer than the {want * seq_len} requested"
-            )
-        # windows sit on a grid of seq_len text tokens whatever the start tokens, so a tokenizer that adds none
-        # gets exactly the windows it always got; with start tokens, each window's text is cut to make room
-        starts = torch.randperm(n_win, generator=g)[:want].sort().values * seq_len
-        head = torch.tensor(start, dtype=torch.long)
-        seqs = [torch.cat([head, ids[s : s + seq_len - len(start)]]) for s in starts.tolist()]
-        return TokenBatch.build(seqs, source, mode, start=start)
+        return pack_windows(ids, start, n_tokens=n_tokens, seq_len=seq_len, seed=seed, source=source)
     if mode == "document":
         seqs, docs, total = [], [], 0
         for i, t in enumerate(texts):
@@ -222,6 +210,32 @@ def make_sequences(
             raise UserError(f"source {source!r} has only {total} tokens in documents of >= {min_doc_tokens} tokens")
         return TokenBatch.build(seqs, source, mode, docs, start=start)
     raise UserError(f"unknown sequence mode {mode!r}; choose 'pack' or 'document'")
+
+
+def pack_windows(ids: torch.Tensor, start: list[int], *, n_tokens: int, seq_len: int, seed: int,
+                 source: str) -> TokenBatch:
+    """Seeded random windows of ``seq_len`` tokens (``start`` tokens first) cut from the token stream ``ids``:
+    ``pack`` mode of :func:`make_sequences`, for callers that hold a stream already (e.g. one part of a source,
+    the rest held out for evaluation)."""
+    n_win = len(ids) // seq_len
+    want = -(-n_tokens // seq_len)
+    if n_win < want:
+        raise UserError(f"source {source!r} has {len(ids)} tokens, fewer than the {want * seq_len} requested")
+    g = torch.Generator().manual_seed(seed)
+    # windows sit on a grid of seq_len text tokens whatever the start tokens, so a tokenizer that adds none
+    # gets exactly the windows it always got; with start tokens, each window's text is cut to make room
+    starts = torch.randperm(n_win, generator=g)[:want].sort().values * seq_len
+    head = torch.tensor(start, dtype=torch.long)
+    seqs = [torch.cat([head, ids[s : s + seq_len - len(start)]]) for s in starts.tolist()]
+    return TokenBatch.build(seqs, source, "pack", start=start)
+
+
+def tokenize_source(tokenizer: Any, source: str, limit: int | None = None) -> torch.Tensor:
+    """A named source's text as one token stream (documents joined by blank lines, no start tokens)."""
+    texts = load_texts(source)
+    if not texts:
+        raise UserError(f"text source {source!r} is empty")
+    return _tokenize_concat(tokenizer, texts, limit=limit)
 
 
 def _tokenize_concat(tokenizer: Any, texts: list[str], limit: int | None) -> torch.Tensor:
