@@ -1,6 +1,7 @@
 """Peak memory of pruning, parallel vs sequential, each measured in a fresh process (its peak RSS).
 
     python benchmarks/sequential/memory.py synthetic        # a deep random Llama, >= 2 GiB of fp32 weights
+    python benchmarks/sequential/memory.py synthetic --layers 128 --modes sequential-onload   # twice as deep
     python benchmarks/sequential/memory.py real --model smollm2-135m
 
 Modes, all OBS + re-fit at 50 % of MLP neurons:
@@ -44,19 +45,24 @@ SYNTH = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidd
              num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=True)
 
 
-def synthetic_dir() -> Path:
-    """The synthetic checkpoint (built once, cached by its config)."""
+def synthetic_config(layers: int) -> dict[str, Any]:
+    """The synthetic model's config with ``layers`` decoder layers (42 MB of float32 weights each)."""
+    return {**SYNTH, "num_hidden_layers": int(layers)}
+
+
+def synthetic_dir(config: dict[str, Any]) -> Path:
+    """The synthetic checkpoint of ``config`` (built once, cached by its config)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: F401
 
     from fbnprune.paths import cache_dir
 
-    key = hashlib.sha256(json.dumps(SYNTH, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     d = cache_dir() / "synthetic" / f"llama-deep-{key}"
     if (d / "config.json").is_file():
         return d
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SYNTH), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=torch.float32)
     with torch.no_grad():  # MLP outputs that matter next to the residual stream, as in the tiny test models
         for n, p in model.named_parameters():
             if "mlp" in n and p.dim() == 2:
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("synthetic")
     r = sub.add_parser("real")
     r.add_argument("--model", required=True, choices=["smollm2-135m", "gemma3-270m"])
+    sub.choices["synthetic"].add_argument("--layers", type=int, default=SYNTH["num_hidden_layers"],
+                                          help="decoder layers of the synthetic model (default: %(default)s)")
     for sp in (sub.choices["synthetic"], r):
         sp.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     c = sub.add_parser("_child")
@@ -197,14 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.kind, args.model_dir, args.mode)))
         return 0
     if args.cmd == "synthetic":
-        d, name, kind = synthetic_dir(), "synthetic-llama-64x1024", "synthetic"
+        config = synthetic_config(args.layers)
+        d, name, kind = synthetic_dir(config), f"synthetic-llama-{args.layers}x1024", "synthetic"
     else:
         from fbnprune.models.builtins import BUILTINS
         from fbnprune.models.load import _converted_gguf_dir
 
         d, name, kind = _converted_gguf_dir(BUILTINS[args.model].locate())[0], args.model, "real"
     out = HERE / "memory.json"
-    measure(kind, d, name, args.modes, out, SYNTH if kind == "synthetic" else None)
+    measure(kind, d, name, args.modes, out, config if kind == "synthetic" else None)
     print(f"[memory] wrote {out}")
     return 0
 

@@ -56,6 +56,7 @@ from fbnprune.errors import UserError
 from fbnprune.prune import needs
 from fbnprune.prune.compensate import UNEXPORTABLE_ATTR, compensate_, refit_compensation_
 from fbnprune.prune.fbn import DEFAULT_RULE
+from fbnprune.prune.gram import clear_gram_cache
 from fbnprune.prune.networks import scoring_networks
 from fbnprune.prune.ops import apply_plan_
 from fbnprune.prune.plan import KeepPlan, make_plan, top_k
@@ -158,6 +159,7 @@ class CheckpointLayers:
 
         self.src, self.out = Path(model_dir), Path(out_dir)
         self.device, self.dtype = torch.device(device), dtype
+        map_large_allocations()
         if not (self.src / "config.json").is_file():
             raise UserError(f"{self.src} is not a model directory (no config.json)")
         self.config = AutoConfig.from_pretrained(str(self.src))
@@ -234,24 +236,49 @@ class CheckpointLayers:
         return self.out
 
 
+def _libc() -> Any:
+    """glibc, or None where there is none (other platforms and C libraries: the memory helpers do nothing)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+#: glibc's ``mallopt`` parameter for the size from which an allocation gets pages of its own (``M_MMAP_THRESHOLD``)
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
+    """Give every allocation of ``threshold`` bytes or more pages of its own, returned on free (glibc ``mallopt``).
+
+    glibc raises that threshold by itself after large blocks are freed (up to 32 MB), so a layer's tensors, freed
+    and allocated again layer after layer, end up in a heap that fragments: layer-by-layer pruning of a 64-layer
+    synthetic Llama (2,048 neurons per layer) saw its peak memory creep from 900 to 1,150 MB over 33 layers with a
+    flat resident set between layers, and stay at 755 MB with the threshold fixed at 1 MB (measured with one
+    thread on the development machine). The setting holds for the rest of the process; the price is a page
+    fault per fresh page of a large tensor, small next to what is computed on it."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+
+
 def release_freed_memory() -> None:
     """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
 
     A layer's tensors (a few MB each) come from the C heap, and glibc keeps freed heap pages mapped: without this,
     layer-by-layer pruning of a 12-layer Llama grew from 552 to 740 MB over its layers; with it, the process stayed
     at 508 MB after every layer (measured with one thread on the development machine)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _layer_file(i: int) -> str:
@@ -637,6 +664,7 @@ def prune_sequential(
         dist.barrier("layer done")  # every rank has read the layer's store before rank 0 removes it
         if main:
             shutil.rmtree(store_dir, ignore_errors=True)
+        clear_gram_cache()  # the layer's Grams (two would stay cached, 34 MB each at 2,048 neurons) are not read again
         layers.finish(i, layer)
         records.append(rec)
         keeps.append(plan.keep[0])
