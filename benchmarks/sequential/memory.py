@@ -117,6 +117,18 @@ def _digest(tensors: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB: ``VmHWM`` where Linux reports it, which starts afresh when the
+    process execs, unlike ``ru_maxrss``, which keeps the peak of the parent it was forked from (a parent that has
+    just built a 5 GB synthetic model would lend its children a 5 GB peak)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
     """Prune in this process and report its peak RSS."""
     import torch
@@ -156,7 +168,7 @@ def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
             res = prune_sequential(layers, seqs, opts, work / "seq")
             out = layers.write_checkpoint(res.plan)
         # the peak of pruning, before the digest reads the result back
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
         if mode == "sequential-onload":
             digest = _digest(_LazyTensors(out))
     finally:
