@@ -28,6 +28,11 @@ tokens.
   and the chosen cell's WikiText-2 test perplexity is the one reported, so that a gain is the networks' and not
   the regularisation's. Budgets 256 / 1,024 / 8,192, three seeds.
 
+Discovery on scarce text: the grid's settings (blocks of 2,048 rows, 128 components, four blocks at 8,192 tokens)
+need 8,192 tokens; below that the text is cut into four blocks as well, of ``(tokens - windows) // 4`` rows (the
+first position of every window is left out of discovery), with at most half as many components as rows
+(:func:`discover_for`), so that recurrence across disjoint text is measured at every budget.
+
 A method name ``BASE~KIND:STRENGTH`` (e.g. ``obs-refit~net:0.5``) is grid method ``BASE`` pruned with that Gram
 prior; the prior's networks come from the fbn grid recipe's discovery settings on the cell's calibration.
 
@@ -128,6 +133,20 @@ class Texts:
         return TokenStream(ids if source == TEST_SET else ids[len(ids) - HELD_OUT:], tuple(self.start))
 
 
+def discover_for(recipe: Any, calib: TokenBatch) -> Any:
+    """``recipe`` with discovery settings the calibration can hold: unchanged when it fills the recipe's blocks,
+    else four blocks of what there is, with at most half as many ICA components as rows per block."""
+    cfg = recipe.discover
+    if cfg is None or cfg.block_rows is None:
+        return recipe
+    rows = calib.n_tokens - len(calib.sequences) * cfg.skip_first
+    if rows >= 4 * cfg.block_rows:
+        return recipe
+    block = rows // 4
+    small = cfg.model_copy(update={"block_rows": block, "n_components": min(cfg.n_components, block // 2)})
+    return recipe.model_copy(update={"discover": small})
+
+
 def cell_dir(model: str, source: str, tokens: int, seed: int) -> Path:
     return OUT / model / f"{source.replace('/', '_')}-{tokens}-s{seed}"
 
@@ -171,12 +190,14 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                     t0 = time.perf_counter()
                     old = read_json(d / f"{m}.json")  # a cell that lacks some evaluations is pruned again
                     base, kind, strength = parse_method(m)
+                    recipe = discover_for(recipes[base], calib)
                     if kind is None:
-                        r = bench.prune(recipes[base])
+                        r = bench.prune(recipe)
                     else:
-                        nets = run_discovery(store, recipes["fbn"].discover) if kind in ("net", "rand") else None
+                        nets = (run_discovery(store, discover_for(recipes["fbn"], calib).discover)
+                                if kind in ("net", "rand") else None)
                         with gram_prior.applied(kind, strength, nets, seed=seed):
-                            r = bench.prune(recipes[base])
+                            r = bench.prune(recipe)
                     evals = dict((old or {}).get("evals", {}))
                     for ev in evs:
                         evals[ev] = ppl(r.lm.model, texts, ev, m)
@@ -187,6 +208,7 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                         "calib_tokens": calib.n_tokens, "calib_seed": seed, "calib_sha256": calib.sha256,
                         "calib_windows": len(calib.sequences), **feed_info(calib.start),
                         "evals": evals, "networks": _net_summary(net), "kept_widths": r.plan.kept_widths,
+                        "discover": recipe.discover.model_dump(mode="json") if recipe.discover else None,
                         "prune_seconds": r.report.get("seconds"), "seconds": round(time.perf_counter() - t0, 1),
                         "threads": threads_note, **record(bench.command)})
                     say(f"{source}-{tokens}-s{seed} {m}: " + ", ".join(f"{ev} {evals[ev]['ppl']:.2f}" for ev in evs))

@@ -232,3 +232,21 @@ def test_prior_choice_is_made_on_validation_text(regimes):
     assert got["net"]["strength"] == 0.2 and got["net"]["test_increase"] == 5.0 and got["none"]["test_increase"] == 6.0
     assert mod.parse_method("obs-refit~rand:0.5") == ("obs-refit", "rand", 0.5)
     assert mod.parse_method("fbn") == ("fbn", None, 0.0)
+
+
+def test_discovery_settings_follow_the_calibration_budget(regimes):
+    """Scarce calibration gets four blocks of what there is and at most half as many components as rows."""
+    mod, *_ = regimes
+    from fbnprune.collect.sources import TokenBatch
+    from fbnprune.recipe import load_recipe
+
+    recipe = load_recipe(mod.GRID / "tiny" / "fbn-25.yaml")  # blocks of 64 rows, 8 components
+    big = TokenBatch.build([torch.arange(32)] * 10, "x", "pack")  # 320 tokens, 310 rows past the first positions
+    assert mod.discover_for(recipe, big) is recipe
+    small = TokenBatch.build([torch.arange(32)] * 4, "x", "pack")  # 124 rows: four blocks of 31
+    d = mod.discover_for(recipe, small).discover
+    assert (d.block_rows, d.n_components) == (31, 8) and recipe.discover.block_rows == 64
+    tiny = TokenBatch.build([torch.arange(16)], "x", "pack")  # 15 rows: blocks of 3, one component
+    assert (mod.discover_for(recipe, tiny).discover.n_components) == 1
+    plain = load_recipe(mod.GRID / "tiny" / "wanda_sp-refit-25.yaml")
+    assert mod.discover_for(plain, small) is plain
