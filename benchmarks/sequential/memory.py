@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -117,18 +116,6 @@ def _digest(tensors: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set in MB: ``VmHWM`` where Linux reports it, which starts afresh when the
-    process execs, unlike ``ru_maxrss``, which keeps the peak of the parent it was forked from (a parent that has
-    just built a 5 GB synthetic model would lend its children a 5 GB peak)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
     """Prune in this process and report its peak RSS."""
     import torch
@@ -136,6 +123,7 @@ def child(kind: str, model_dir: Path, mode: str) -> dict[str, Any]:
 
     from fbnprune.arch import get_adapter
     from fbnprune.collect import TokenBatch, capture_activations
+    from fbnprune.export.compare import peak_rss_mb  # VmHWM: ru_maxrss would carry a forking parent's peak
     from fbnprune.prune import ScoreContext, apply_plan_, compensate_, make_plan, score_neurons
     from fbnprune.prune.sequential import (
         CheckpointLayers,
