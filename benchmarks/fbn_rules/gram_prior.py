@@ -31,6 +31,7 @@ import torch
 import fbnprune.prune.compensate as _compensate
 import fbnprune.prune.obs as _obs
 import fbnprune.prune.redundancy as _redundancy
+from fbnprune.prune.gram import moments
 
 KINDS = ("net", "rand", "diag", "ridge")
 MIN_RECURRENCE = 0.5
@@ -66,9 +67,7 @@ def shrink(g: torch.Tensor, kind: str, lam: float, mask: torch.Tensor | None = N
     if lam == 0:  # no prior: the measured Gram itself, not a rounding of it
         return g
     n = g.shape[0] - 1
-    rows = g[n, n]
-    mean = g[n, :n] / rows
-    cov = g[:n, :n] / rows - torch.outer(mean, mean)
+    rows, mean, cov = moments(g)
     if kind == "ridge":
         cov = cov + lam * float(cov.diagonal().mean()) * torch.eye(n, dtype=g.dtype)
     else:

@@ -71,12 +71,18 @@ def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048, r
     return g
 
 
-def abs_correlation(g: torch.Tensor) -> torch.Tensor:
-    """``|corr(h_i, h_j)|`` of the activations, from the augmented Gram ``g`` (the bias/count at index N)."""
+def moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row count, the activations' means ``(N,)`` and their covariance ``(N, N)`` (population) from the
+    augmented Gram ``g`` (the bias/count at index N): ``g[:N, :N] = rows * (cov + mean mean^T)``."""
     n = g.shape[0] - 1
     rows = g[n, n]
     mean = g[n, :n] / rows
-    cov = g[:n, :n] / rows - torch.outer(mean, mean)
+    return rows, mean, g[:n, :n] / rows - torch.outer(mean, mean)
+
+
+def abs_correlation(g: torch.Tensor) -> torch.Tensor:
+    """``|corr(h_i, h_j)|`` of the activations, from the augmented Gram ``g`` (the bias/count at index N)."""
+    _, _, cov = moments(g)
     sd = cov.diagonal().clamp_min(1e-30).sqrt()
     return (cov / torch.outer(sd, sd)).abs()
 
