@@ -64,7 +64,7 @@ from benchmarks.runner import Bench, command_line, read_json, record, write_json
 from fbnprune.collect import collect  # noqa: E402
 from fbnprune.collect.sources import TokenBatch, pack_windows, tokenize_source  # noqa: E402
 from fbnprune.discover import run_discovery  # noqa: E402
-from fbnprune.evaluate.ppl import TokenStream, perplexity  # noqa: E402
+from fbnprune.evaluate.ppl import TokenStream, perplexity, token_stream  # noqa: E402
 from fbnprune.models.feed import feed_info, start_tokens  # noqa: E402
 from fbnprune.recipe import load_recipe  # noqa: E402
 from fbnprune.run import say  # noqa: E402
@@ -112,9 +112,8 @@ class Texts:
 
     def ids(self, source: str) -> Any:
         if source not in self._ids:
-            limit = WIKITEXT_TOKENS if source == TEST_SET else None
-            ids = tokenize_source(self.tokenizer, source, limit=limit)
-            self._ids[source] = ids[:limit] if limit else ids
+            self._ids[source] = (token_stream(self.tokenizer, source, WIKITEXT_TOKENS).ids if source == TEST_SET
+                                 else tokenize_source(self.tokenizer, source))
         return self._ids[source]
 
     def calibration(self, source: str, n_tokens: int, seed: int) -> TokenBatch:
@@ -175,9 +174,9 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
         for tokens in spec["tokens"]:
             for seed in spec["seeds"]:
                 d = cell_dir(model, source, tokens, seed)
-                todo = {m: [ev for ev in spec["evals"] if ev not in (read_json(d / f"{m}.json") or {}).get("evals", {})]
-                        for m in methods}
-                todo = {m: evs for m, evs in todo.items() if evs}
+                done = {m: read_json(d / f"{m}.json") for m in methods}
+                todo = {m: evs for m in methods
+                        if (evs := [ev for ev in spec["evals"] if ev not in (done[m] or {}).get("evals", {})])}
                 if not todo:
                     continue
                 calib = texts.calibration(source, tokens, seed)
@@ -188,7 +187,7 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                 bench.base.calib, bench.base.store = calib, store
                 for m, evs in todo.items():
                     t0 = time.perf_counter()
-                    old = read_json(d / f"{m}.json")  # a cell that lacks some evaluations is pruned again
+                    old = done[m]  # a cell that lacks some evaluations is pruned again
                     base, kind, strength = parse_method(m)
                     recipe = discover_for(recipes[base], calib)
                     if kind is None:
