@@ -260,7 +260,7 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
     and allocated again layer after layer, end up in a heap that fragments: layer-by-layer pruning of a 64-layer
     synthetic Llama (2,048 neurons per layer) saw its peak memory creep from 900 to 1,150 MB over 33 layers with a
     flat resident set between layers, and stay at 755 MB with the threshold fixed at 1 MB (measured with one
-    thread on the development machine). The setting holds for the rest of the process; the price is page faults on
+    thread on the development machine; ``benchmarks/sequential/heap_trace.json``). The setting holds for the rest of the process; the price is page faults on
     the fresh pages of every large tensor (not timed separately: the 64-layer run took 542 s with it)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
