@@ -260,8 +260,9 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
     and allocated again layer after layer, end up in a heap that fragments: layer-by-layer pruning of a 64-layer
     synthetic Llama (2,048 neurons per layer) saw its peak memory creep from 900 to 1,150 MB over 33 layers with a
     flat resident set between layers, and stay at 755 MB with the threshold fixed at 1 MB (measured with one
-    thread on the development machine; ``benchmarks/sequential/heap_trace.json``). The setting holds for the rest of the process; the price is page faults on
-    the fresh pages of every large tensor (not timed separately: the 64-layer run took 542 s with it)."""
+    thread on the development machine; ``benchmarks/sequential/heap_trace.json``). The setting holds for the rest
+    of the process; the price is page faults on the fresh pages of every large tensor (not timed separately: the
+    64-layer run took 542 s with it)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
@@ -270,9 +271,10 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
 def release_freed_memory() -> None:
     """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
 
-    A layer's tensors (a few MB each) come from the C heap, and glibc keeps freed heap pages mapped: without this,
-    layer-by-layer pruning of a 12-layer Llama grew from 552 to 740 MB over its layers; with it, the process stayed
-    at 508 MB after every layer (measured with one thread on the development machine)."""
+    A layer's tensors (a few MB each) come from the C heap, and glibc keeps freed heap pages mapped, so without a
+    trim every finished layer would leave its pages resident and the resident set would grow with depth. Called
+    after each layer; ``benchmarks/sequential/heap_trace.json`` shows the resident set staying flat from layer to
+    layer with it (what remained, the creeping peak, was fragmentation: see :func:`map_large_allocations`)."""
     import gc
 
     gc.collect()
