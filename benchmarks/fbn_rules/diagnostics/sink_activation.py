@@ -9,7 +9,7 @@ divided by the median norm over the other positions, averaged over the first 4 s
 
 Why: a ratio in the hundreds means the MLP writes a massive activation at position 0, which attention then uses as
 its sink. Statistics taken without that position never see the neurons that make it, so scorers may remove them
-and a re-fit of the kept columns cannot reproduce it (docs/fbn-study.md, session 6).
+and a re-fit of the kept columns cannot reproduce it (docs/fbn-study.md, "The calibration was missing the attention sink").
 """
 
 from __future__ import annotations
