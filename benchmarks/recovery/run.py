@@ -7,6 +7,12 @@ top-1 agreement are measured on held-out text that is neither recovery text nor 
 default ``wiki``: the recovery text defaults to c4, the leaderboard's held-out source). Every recovery starts from
 a fresh copy of the same pruned model; "before" is measured once per model and sparsity.
 
+Budgets are minutes of training on this machine. A time budget gets fewer tokens when anything else runs, so
+``--tokens-per-minute MODEL=RATE`` turns each budget into the tokens that many minutes process on a quiet machine
+(``max_tokens = RATE x minutes``; the rate is read off a quiet time-budget cell's ``training.tokens_per_s``), which
+makes a cell's result independent of the load and the benchmark safe to run beside other jobs; rows record which
+budget was used (``budget_tokens``, ``budget_rate_from``).
+
 Cells: model x sparsity x data x budget x recovery method, one JSON each under ``results/<model>/`` (a rerun
 skips finished cells; a cell interrupted during training resumes from its checkpoint); ``results.json`` is the
 list of rows the issue asks for, rebuilt after every cell.
@@ -91,16 +97,20 @@ def main() -> None:
     ap.add_argument("--held-out", default="wiki", help="held-out text of KL (never recovery text)")
     ap.add_argument("--seq-lens", default="2048", help="perplexity window lengths")
     ap.add_argument("--tasks", default=",".join(LEADERBOARD["tasks"]), help="lm-eval tasks ('' for none)")
+    ap.add_argument("--tokens-per-minute", default="", metavar="MODEL=RATE,...",
+                    help="budget each model's cells in tokens (RATE x minutes, input tokens) instead of wall time")
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args()
     out = Path(args.out)
+    rates = parse_rates(args.tokens_per_minute)
     rec = record()
     proto = protocol(args)
     long = max(proto.seq_lens)
     for model in args.models.split(","):
         cells = CellDir(out / "results" / Path(model).name)
         bench = Bench(bench_recipe(model), proto, command=rec["command"])
+        rate = rates.get(Path(model).name)
         dense = cells.read("dense")
         if dense is None:
             dense = {"eval": summary(bench.evaluate(bench.dense, "dense")), **record(rec["command"])}
@@ -108,7 +118,7 @@ def main() -> None:
         for sp in (float(s) for s in args.sparsities.split(",")):
             todo = [(data, minutes, method) for data in args.data.split(",")
                     for minutes in (float(b) for b in args.budgets.split(",")) for method in args.methods.split(",")
-                    if not cells.done(cell_name(sp, data, minutes, method))]
+                    if not cells.done(cell_name(sp, data, minutes, method, rate))]
             if not todo:
                 continue
             pruned = bench.prune(bench.recipe_with(sparsity=sp))
@@ -122,8 +132,9 @@ def main() -> None:
                 sources = data.split("+")
                 if args.held_out in sources:
                     raise SystemExit(f"--held-out {args.held_out!r} is recovery text in --data {data!r}")
-                name = cell_name(sp, data, minutes, method)
-                cfg = RecoverConfig(method=method, data=sources, max_minutes=minutes,
+                name = cell_name(sp, data, minutes, method, rate)
+                budget = {"max_minutes": minutes} if rate is None else {"max_tokens": max(1, round(rate * minutes))}
+                cfg = RecoverConfig(method=method, data=sources, **budget,
                                     n_tokens=args.self_tokens if "self" in sources else None,
                                     checkpoint_every=args.checkpoint_every)
                 student = copy.deepcopy(pruned.lm.model)
@@ -136,8 +147,25 @@ def main() -> None:
                 write_json(out / "results.json", rows(out), indent=1)
 
 
-def cell_name(sp: float, data: str, minutes: float, method: str) -> str:
-    return f"{PRUNE['method']}-refit-{sp}__{data}__{minutes:g}min__{method}"
+def parse_rates(text: str) -> dict[str, float]:
+    """``MODEL=RATE,...`` (tokens per minute of training on a quiet machine) as a dict; a clear error otherwise."""
+    rates: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if not sep or not name or not rate > 0:
+            raise SystemExit(f"--tokens-per-minute: expected MODEL=RATE with RATE > 0, got {item!r}")
+        rates[Path(name).name] = rate
+    return rates
+
+
+def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | None = None) -> str:
+    """A cell's file name; a token budget (``rate``) is another cell than the same minutes of wall time."""
+    budget = f"{minutes:g}min" if rate is None else f"{minutes:g}min-{round(rate * minutes)}tok"
+    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}"
 
 
 def row(model: str, sp: float, data: str, minutes: float, cfg: RecoverConfig, d: dict[str, Any],
@@ -152,6 +180,8 @@ def row(model: str, sp: float, data: str, minutes: float, cfg: RecoverConfig, d:
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
             "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
+            "budget_tokens": cfg.max_tokens,
+            "budget_rate_from": None if cfg.max_tokens is None else "quiet-machine tokens per minute x budget_min",
             "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
 
 

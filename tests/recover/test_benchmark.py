@@ -54,3 +54,31 @@ def test_recovery_harness_rows(tmp_path, data, monkeypatch):
         assert {p.name: p.stat().st_mtime_ns for p in cells.iterdir()} == stamps
     finally:
         sys.path[:] = saved
+
+
+def test_recovery_harness_token_budget(tmp_path, data, monkeypatch):
+    """``--tokens-per-minute``: the budget is a token count (a cell's result no longer depends on the load), and
+    the cell is named apart from a wall-time cell of the same minutes."""
+    env = make_tiny_env(tmp_path / "tiny")
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FBNPRUNE_DATA", str(data))
+    saved = list(sys.path)
+    mod = load_script(BENCHMARKS / "recovery" / "run.py", "recovery_run_tokens")
+    argv = ["run.py", "--models", str(env / "model"), "--sparsities", "0.5", "--budgets", "2",
+            "--data", "c4", "--methods", "full", "--tasks", "", "--seq-lens", "32",
+            "--tokens-per-minute", "model=2500", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        mod.main()
+        (r,) = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert r["budget_tokens"] == 5000 and r["budget_min"] == 2
+        assert r["training"]["stop"] == "max_tokens" and r["training"]["budget"]["max_minutes"] is None
+        t = r["training"]
+        assert t["steps"] > 1 and 5000 <= t["tokens"] < 5000 + t["tokens"] / t["steps"]  # stops once past it
+        assert (tmp_path / "out" / "results" / "model" / "obs-refit-0.5__c4__2min-5000tok__full.json").is_file()
+        for bad in ("model", "model=0", "model=x", "=5"):
+            with pytest.raises(SystemExit, match="tokens-per-minute"):
+                mod.parse_rates(bad)
+        assert mod.parse_rates("a/b/smollm2-135m=10800, gemma=1.5") == {"smollm2-135m": 10800.0, "gemma": 1.5}
+    finally:
+        sys.path[:] = saved
