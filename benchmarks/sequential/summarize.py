@@ -141,12 +141,12 @@ def targets_table(cells: dict[str, dict[str, dict[str, Any]]]) -> str:
         return ""
     out = ["", "### Other sequential re-fit targets (targets.py; SmolLM2, ppl@2048 / KL)", "",
            "| cell | parallel | seq, layer target | seq, dense target | probe | probe result |", "|---|---|---|---|---|---|"]
+
+    def fmt(r: dict[str, Any] | None) -> str:
+        return "-" if r is None else f"{r['eval']['ppl2048']['ppl']:.2f} / {r['eval']['retention']['kl']:.3f}"
+
     for p in sorted(probes, key=lambda r: (r["cell"], r["variant"])):
         own = cells.get(p["model"], {})
-
-        def fmt(r: dict[str, Any] | None) -> str:
-            return "-" if r is None else f"{r['eval']['ppl2048']['ppl']:.2f} / {r['eval']['retention']['kl']:.3f}"
-
         out.append(f"| {p['cell']} | {fmt(own.get(p['cell'] + '@parallel'))} | {fmt(own.get(p['cell'] + '@seq-layer'))} "
                    f"| {fmt(own.get(p['cell'] + '@seq-dense'))} | {p['variant']} | {p['ppl2048']:.2f} / {p['kl']:.3f} |")
     return "\n".join(out) + "\n"
