@@ -11,7 +11,7 @@ Budgets are minutes of training on this machine. A time budget gets fewer tokens
 ``--tokens-per-minute MODEL=RATE`` turns each budget into the tokens that many minutes process on a quiet machine
 (``max_tokens = RATE x minutes``; the rate is read off a quiet time-budget cell's ``training.tokens_per_s``), which
 makes a cell's result independent of the load and the benchmark safe to run beside other jobs; rows record which
-budget was used (``budget_tokens``, ``budget_rate_from``).
+budget was used (``budget_tokens`` and the rate behind it, ``budget_tokens_per_minute``; both None for wall time).
 
 Cells: model x sparsity x data x budget x recovery method, one JSON each under ``results/<model>/`` (a rerun
 skips finished cells; a cell interrupted during training resumes from its checkpoint); ``results.json`` is the
@@ -140,7 +140,7 @@ def main() -> None:
                 student = copy.deepcopy(pruned.lm.model)
                 trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan, progress=False)
                 after = summary(bench.evaluate(student, name))
-                cells.write(name, {"row": row(model, sp, data, minutes, cfg, dense["eval"], before["eval"], after,
+                cells.write(name, {"row": row(model, sp, data, minutes, rate, cfg, dense["eval"], before["eval"], after,
                                               trained, rec, long),
                                    "after": after, "recovery": trained, "settings": cfg.model_dump(mode="json"),
                                    **record(rec["command"])})
@@ -168,7 +168,7 @@ def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | N
     return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}"
 
 
-def row(model: str, sp: float, data: str, minutes: float, cfg: RecoverConfig, d: dict[str, Any],
+def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cfg: RecoverConfig, d: dict[str, Any],
         b: dict[str, Any], a: dict[str, Any], trained: dict[str, Any], rec: dict[str, Any],
         long: int) -> dict[str, Any]:
     """One row of results.json: the issue's fields, the gap closed, and what the recovery spent."""
@@ -181,7 +181,7 @@ def row(model: str, sp: float, data: str, minutes: float, cfg: RecoverConfig, d:
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
             "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
             "budget_tokens": cfg.max_tokens,
-            "budget_rate_from": None if cfg.max_tokens is None else "quiet-machine tokens per minute x budget_min",
+            "budget_tokens_per_minute": rate,
             "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
 
 

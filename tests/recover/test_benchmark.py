@@ -46,6 +46,7 @@ def test_recovery_harness_rows(tmp_path, data, monkeypatch):
                     "kl_before", "kl_after", "command", "machine"} <= set(r)
             assert r["data"] == "c4+technical" and r["training"]["data"] == ["c4", "technical"]
             assert r["training"]["stop"] == "max_minutes" and r["training"]["steps"] >= 1
+            assert r["budget_tokens"] is None and r["budget_tokens_per_minute"] is None  # a wall-time budget
             assert r["ppl32_before"] == rows[0]["ppl32_before"]  # every recovery starts from the same pruned model
         cells = tmp_path / "out" / "results" / "model"
         stamps = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
@@ -71,7 +72,7 @@ def test_recovery_harness_token_budget(tmp_path, data, monkeypatch):
     try:
         mod.main()
         (r,) = json.loads((tmp_path / "out" / "results.json").read_text())
-        assert r["budget_tokens"] == 5000 and r["budget_min"] == 2
+        assert r["budget_tokens"] == 5000 and r["budget_min"] == 2 and r["budget_tokens_per_minute"] == 2500
         assert r["training"]["stop"] == "max_tokens" and r["training"]["budget"]["max_minutes"] is None
         t = r["training"]
         assert t["steps"] > 1 and 5000 <= t["tokens"] < 5000 + t["tokens"] / t["steps"]  # stops once past it
