@@ -13,9 +13,14 @@ Budgets are minutes of training on this machine. A time budget gets fewer tokens
 makes a cell's result independent of the load and the benchmark safe to run beside other jobs; rows record which
 budget was used (``budget_tokens`` and the rate behind it, ``budget_tokens_per_minute``; both None for wall time).
 
-Cells: model x sparsity x data x budget x recovery method, one JSON each under ``results/<model>/`` (a rerun
-skips finished cells; a cell interrupted during training resumes from its checkpoint); ``results.json`` is the
-list of rows the issue asks for, rebuilt after every cell.
+The network-loss ablation (``--network-weights 0,1``): besides the logits, the student is distilled towards the
+activity of the dense model's functional networks (mean activation of each network's kept members; networks
+discovered on the calibration activations with the pipeline's default discovery); at the same token budget as the
+logits-only cell, so the comparison is of the losses and not of the tokens they got.
+
+Cells: model x sparsity x data x budget x recovery method x network weight, one JSON each under
+``results/<model>/`` (a rerun skips finished cells; a cell interrupted during training resumes from its
+checkpoint); ``results.json`` is the list of rows the issue asks for, rebuilt after every cell.
 
     nice -n 10 .venv/bin/python benchmarks/recovery/run.py --models smollm2-135m --sparsities 0.3,0.5 \
         --budgets 5,15,30 --data c4+technical,self --methods full
@@ -43,12 +48,14 @@ LEADERBOARD = yaml.safe_load((HERE.parent / "leaderboard" / "protocol.yaml").rea
 PRUNE = {"method": "obs", "compensate": "refit", "allocation": "uniform", "protected_layers": [], "mode": "slice"}
 
 
-def bench_recipe(model: str) -> Recipe:
+def bench_recipe(model: str, networks: bool = False) -> Recipe:
+    """The benchmark's recipe; ``networks`` adds a recover section with the network loss on, which makes the
+    pipeline discover the dense model's networks (OBS itself needs none; its pruned model is the same)."""
     c = LEADERBOARD["calibration"]
     return Recipe.model_validate({
         "name": f"recovery-{Path(model).name}", "model": {"source": model, "dtype": "float32"},
         "collect": {**c, "keep_activations": True, "fallback": None}, "prune": PRUNE,
-        "evaluate": None, "export": None})
+        "recover": {"network_weight": 1.0} if networks else None, "evaluate": None, "export": None})
 
 
 def protocol(args: argparse.Namespace) -> Protocol:
@@ -99,26 +106,29 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(LEADERBOARD["tasks"]), help="lm-eval tasks ('' for none)")
     ap.add_argument("--tokens-per-minute", default="", metavar="MODEL=RATE,...",
                     help="budget each model's cells in tokens (RATE x minutes, input tokens) instead of wall time")
+    ap.add_argument("--network-weights", default="0",
+                    help="comma-separated weights of the network-activity loss (0: logits only)")
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args()
     out = Path(args.out)
     rates = parse_rates(args.tokens_per_minute)
+    weights = parse_weights(args.network_weights)
     rec = record()
     proto = protocol(args)
     long = max(proto.seq_lens)
     for model in args.models.split(","):
         cells = CellDir(out / "results" / Path(model).name)
-        bench = Bench(bench_recipe(model), proto, command=rec["command"])
+        bench = Bench(bench_recipe(model, networks=any(w > 0 for w in weights)), proto, command=rec["command"])
         rate = rates.get(Path(model).name)
         dense = cells.read("dense")
         if dense is None:
             dense = {"eval": summary(bench.evaluate(bench.dense, "dense")), **record(rec["command"])}
             cells.write("dense", dense)
         for sp in (float(s) for s in args.sparsities.split(",")):
-            todo = [(data, minutes, method) for data in args.data.split(",")
+            todo = [(data, minutes, method, nw) for data in args.data.split(",")
                     for minutes in (float(b) for b in args.budgets.split(",")) for method in args.methods.split(",")
-                    if not cells.done(cell_name(sp, data, minutes, method, rate))]
+                    for nw in weights if not cells.done(cell_name(sp, data, minutes, method, rate, nw))]
             if not todo:
                 continue
             pruned = bench.prune(bench.recipe_with(sparsity=sp))
@@ -128,17 +138,18 @@ def main() -> None:
                           "plan": {k: v for k, v in pruned.plan.to_json().items() if k != "keep"},
                           **record(rec["command"])}
                 cells.write(f"before-{sp}", before)
-            for data, minutes, method in todo:
+            for data, minutes, method, nw in todo:
                 sources = data.split("+")
                 if args.held_out in sources:
                     raise SystemExit(f"--held-out {args.held_out!r} is recovery text in --data {data!r}")
-                name = cell_name(sp, data, minutes, method, rate)
+                name = cell_name(sp, data, minutes, method, rate, nw)
                 budget = {"max_minutes": minutes} if rate is None else {"max_tokens": max(1, round(rate * minutes))}
                 cfg = RecoverConfig(method=method, data=sources, **budget,
                                     n_tokens=args.self_tokens if "self" in sources else None,
-                                    checkpoint_every=args.checkpoint_every)
+                                    checkpoint_every=args.checkpoint_every, network_weight=nw)
                 student = copy.deepcopy(pruned.lm.model)
-                trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan, progress=False)
+                trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan,
+                                   networks=pruned.networks, progress=False)
                 after = summary(bench.evaluate(student, name))
                 cells.write(name, {"row": row(model, sp, data, minutes, rate, cfg, dense["eval"], before["eval"], after,
                                               trained, rec, long),
@@ -162,10 +173,24 @@ def parse_rates(text: str) -> dict[str, float]:
     return rates
 
 
-def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | None = None) -> str:
-    """A cell's file name; a token budget (``rate``) is another cell than the same minutes of wall time."""
+def parse_weights(text: str) -> list[float]:
+    """``--network-weights`` as a list of non-negative floats; a clear error otherwise."""
+    try:
+        weights = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        weights = [-1.0]
+    if not weights or not all(w >= 0 for w in weights):
+        raise SystemExit(f"--network-weights: expected comma-separated weights >= 0, got {text!r}")
+    return weights
+
+
+def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | None = None,
+              network_weight: float = 0.0) -> str:
+    """A cell's file name; a token budget (``rate``) is another cell than the same minutes of wall time, and a
+    network loss another cell than logits only."""
     budget = f"{minutes:g}min" if rate is None else f"{minutes:g}min-{round(rate * minutes)}tok"
-    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}"
+    net = f"__net{network_weight:g}" if network_weight > 0 else ""
+    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}"
 
 
 def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cfg: RecoverConfig, d: dict[str, Any],
@@ -180,7 +205,7 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
             "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
-            "budget_tokens": cfg.max_tokens,
+            "network_weight": cfg.network_weight, "budget_tokens": cfg.max_tokens,
             "budget_tokens_per_minute": rate,
             "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
 

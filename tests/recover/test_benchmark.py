@@ -83,3 +83,35 @@ def test_recovery_harness_token_budget(tmp_path, data, monkeypatch):
         assert mod.parse_rates("a/b/smollm2-135m=10800, gemma=1.5") == {"smollm2-135m": 10800.0, "gemma": 1.5}
     finally:
         sys.path[:] = saved
+
+
+def test_recovery_harness_network_ablation(tmp_path, data, monkeypatch):
+    """``--network-weights 0,1``: a logits-only cell and one with the network-activity loss, at the same token
+    budget, from the same pruned model; the second one discovered networks and trained on both losses."""
+    env = make_tiny_env(tmp_path / "tiny")
+    monkeypatch.setenv("FBNPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FBNPRUNE_DATA", str(data))
+    saved = list(sys.path)
+    mod = load_script(BENCHMARKS / "recovery" / "run.py", "recovery_run_networks")
+    argv = ["run.py", "--models", str(env / "model"), "--sparsities", "0.5", "--budgets", "1",
+            "--data", "c4", "--methods", "full", "--tasks", "", "--seq-lens", "32",
+            "--tokens-per-minute", "model=3000", "--network-weights", "0,1", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        mod.main()
+        rows = json.loads((tmp_path / "out" / "results.json").read_text())
+        by_weight = {r["network_weight"]: r for r in rows}
+        assert set(by_weight) == {0.0, 1.0}
+        assert by_weight[0.0]["budget_tokens"] == by_weight[1.0]["budget_tokens"] == 3000
+        assert by_weight[0.0]["ppl32_before"] == by_weight[1.0]["ppl32_before"]
+        assert by_weight[0.0]["ppl32_after"] != by_weight[1.0]["ppl32_after"]  # the extra loss changed training
+        cells = tmp_path / "out" / "results" / "model"
+        plain = json.loads((cells / "obs-refit-0.5__c4__1min-3000tok__full.json").read_text())
+        net = json.loads((cells / "obs-refit-0.5__c4__1min-3000tok__full__net1.json").read_text())
+        assert plain["recovery"]["loss_terms"] == ["kl"] and net["recovery"]["loss_terms"] == ["kl", "network"]
+        for bad in ("", "x", "-1", "0,-0.5"):
+            with pytest.raises(SystemExit, match="network-weights"):
+                mod.parse_weights(bad)
+        assert mod.parse_weights("0, 0.5") == [0.0, 0.5]
+    finally:
+        sys.path[:] = saved
