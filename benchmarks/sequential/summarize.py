@@ -4,7 +4,8 @@
 
 ``results.json`` holds one row per measured cell (``model``, ``method``, ``compensate``, ``sparsity``, ``mode``,
 ``refit_target``, ``ppl2048``, ``dense_ppl2048``, ``ppl128``, ``kl``, ``top1``, ``peak_rss_mb`` where the memory
-benchmark measured that model and mode), the memory rows (the synthetic model's ``weights_mb`` and
+benchmark measured that model and mode, and for sequential rows ``peak_rss_onload_mb``: the same pruning with each
+layer read from disk), the memory rows (the synthetic model's ``weights_mb`` and
 ``peak_rss_mb`` among them), and the commands and machines. ``results.md`` gives, per model and method, the
 increase over dense of ppl@2048 and KL in each mode, and how much of the parallel increase sequential removes.
 """
@@ -20,10 +21,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
 from benchmarks.runner import record, write_json  # noqa: E402
+from fbnprune.prune.sequential import SequentialOptions  # noqa: E402
 
 MODE_NAMES = {"parallel": "parallel", "seq-dense": "sequential", "seq-layer": "sequential"}
 TARGETS = {"parallel": None, "seq-dense": "dense", "seq-layer": "layer"}
-MEMORY_MODE = {"parallel": "parallel", "seq-dense": "sequential"}  # the memory runs use the dense target
+# memory.py prunes with SequentialOptions' default re-fit target: its rows belong to the cells of that target
+MEMORY_MODE = {"parallel": "parallel", f"seq-{SequentialOptions.refit_target}": "sequential"}
 
 
 def load_cells() -> dict[str, dict[str, dict[str, Any]]]:
@@ -55,6 +58,8 @@ def rows(cells: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any]) ->
                 "kl": e["retention"]["kl"], "top1": e["retention"]["top1_agreement"],
                 "last_layer_hidden_error": c["layer_errors"]["hidden_error"][-1],
                 "peak_rss_mb": (mem.get(MEMORY_MODE[c["mode"]]) or {}).get("peak_rss_mb") if measured_mem else None,
+                "peak_rss_onload_mb": ((mem.get("sequential-onload") or {}).get("peak_rss_mb")
+                                       if measured_mem and MEMORY_MODE[c["mode"]] == "sequential" else None),
                 "prune_seconds": c["prune_seconds"], "command": c["command"], "machine": c["machine"],
             })
     return out
