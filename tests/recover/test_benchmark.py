@@ -109,6 +109,9 @@ def test_recovery_harness_network_ablation(tmp_path, data, monkeypatch):
         plain = json.loads((cells / "obs-refit-0.5__c4__1min-3000tok__full.json").read_text())
         net = json.loads((cells / "obs-refit-0.5__c4__1min-3000tok__full__net1.json").read_text())
         assert plain["recovery"]["loss_terms"] == ["kl"] and net["recovery"]["loss_terms"] == ["kl", "network"]
+        table = (tmp_path / "out" / "results.md").read_text().splitlines()
+        body = [line for line in table if line.startswith("| model | 0.5 | c4 |")]  # the tiny model is "model"
+        assert len(body) == 2 and "| 0 |" in body[0] and "| 1 |" in body[1]  # one line per cell, by network weight
         for bad in ("", "x", "-1", "0,-0.5"):
             with pytest.raises(SystemExit, match="network-weights"):
                 mod.parse_weights(bad)
