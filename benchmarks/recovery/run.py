@@ -109,12 +109,16 @@ def main() -> None:
                     help="budget each model's cells in tokens (RATE x minutes, input tokens) instead of wall time")
     ap.add_argument("--network-weights", default="0",
                     help="comma-separated weights of the network-activity loss (0: logits only)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recovery setting other than its default (e.g. seq_len=2048, lr=3e-4; YAML values); "
+                    "cells with such settings are named apart")
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args()
     out = Path(args.out)
     rates = parse_rates(args.tokens_per_minute)
     weights = parse_weights(args.network_weights)
+    extra = parse_settings(args.set)
     rec = record()
     proto = protocol(args)
     long = max(proto.seq_lens)
@@ -129,7 +133,7 @@ def main() -> None:
         for sp in (float(s) for s in args.sparsities.split(",")):
             todo = [(data, minutes, method, nw) for data in args.data.split(",")
                     for minutes in (float(b) for b in args.budgets.split(",")) for method in args.methods.split(",")
-                    for nw in weights if not cells.done(cell_name(sp, data, minutes, method, rate, nw))]
+                    for nw in weights if not cells.done(cell_name(sp, data, minutes, method, rate, nw, extra))]
             if not todo:
                 continue
             pruned = bench.prune(bench.recipe_with(sparsity=sp))
@@ -143,11 +147,11 @@ def main() -> None:
                 sources = data.split("+")
                 if args.held_out in sources:
                     raise SystemExit(f"--held-out {args.held_out!r} is recovery text in --data {data!r}")
-                name = cell_name(sp, data, minutes, method, rate, nw)
+                name = cell_name(sp, data, minutes, method, rate, nw, extra)
                 budget = {"max_minutes": minutes} if rate is None else {"max_tokens": max(1, round(rate * minutes))}
                 cfg = RecoverConfig(method=method, data=sources, **budget,
                                     n_tokens=args.self_tokens if "self" in sources else None,
-                                    checkpoint_every=args.checkpoint_every, network_weight=nw)
+                                    checkpoint_every=args.checkpoint_every, network_weight=nw, **extra)
                 student = copy.deepcopy(pruned.lm.model)
                 trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan,
                                    networks=pruned.networks, progress=False)
@@ -188,12 +192,17 @@ def markdown(found: list[dict[str, Any]]) -> str:
              f"| model | sparsity | data | budget | recovery | net loss | dense {key} | before | after | gap closed "
              "| KL before -> after | tasks before -> after (dense) | tokens | minutes |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
-    for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], r["data"], r["budget_min"], r["recovery"],
+    # windows x batch, learning rate and trained modules; rows written before these were recorded used the defaults
+    def how(r: dict[str, Any]) -> str:
+        mods = ",".join(r.get("target_modules") or r["training"]["target_modules"] or [])
+        return f"{r['recovery']} {mods}, {r.get('seq_len', 256)}x{r.get('batch_size', 8)}, lr {r['lr']:g}"
+
+    for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], r["data"], r["budget_min"], how(r),
                                           r.get("network_weight") or 0.0)):
         t = r["training"]
         budget = f"{r['budget_min']:g} min" + (f" ({r['budget_tokens']:,} tokens)" if r["budget_tokens"] else "")
         lines.append(
-            f"| {r['model']} | {r['sparsity']:g} | {r['data']} | {budget} | {r['recovery']} | "
+            f"| {r['model']} | {r['sparsity']:g} | {r['data']} | {budget} | {how(r)} | "
             f"{f(r.get('network_weight') or 0.0, 'g')} | {r[f'dense_{key}']:.2f} | {r[f'{key}_before']:.2f} | "
             f"{r[f'{key}_after']:.2f} | {f(r['gap_closed'], '.1%')} | "
             f"{f(r['kl_before'], '.3f')} -> {f(r['kl_after'], '.3f')} | {f(r['tasks_mean_before'], '.3f')} -> "
@@ -213,13 +222,32 @@ def parse_weights(text: str) -> list[float]:
     return weights
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as recovery settings, checked against :class:`RecoverConfig` (a clear error for an
+    unknown key, a bad value, or a setting the benchmark itself sets per cell)."""
+    own = {"method", "data", "max_minutes", "max_tokens", "n_tokens", "checkpoint_every", "network_weight"}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RecoverConfig.model_fields or key in own:
+            raise SystemExit(f"--set: expected KEY=VALUE with KEY a recovery setting the benchmark does not set per "
+                             f"cell ({', '.join(sorted(set(RecoverConfig.model_fields) - own))}), got {item!r}")
+        out[key] = yaml.safe_load(value)
+    try:
+        cfg = RecoverConfig(**out)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    return {k: getattr(cfg, k) for k in out}  # validated values ("3e-4" read as YAML is a string)
+
+
 def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | None = None,
-              network_weight: float = 0.0) -> str:
+              network_weight: float = 0.0, extra: dict[str, Any] | None = None) -> str:
     """A cell's file name; a token budget (``rate``) is another cell than the same minutes of wall time, and a
-    network loss another cell than logits only."""
+    network loss or other settings (``extra``) another cell than the defaults."""
     budget = f"{minutes:g}min" if rate is None else f"{minutes:g}min-{round(rate * minutes)}tok"
     net = f"__net{network_weight:g}" if network_weight > 0 else ""
-    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}"
+    more = "".join(f"__{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted((extra or {}).items()))
+    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}{more}"
 
 
 def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cfg: RecoverConfig, d: dict[str, Any],
@@ -229,7 +257,8 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
     key = f"ppl{long}"
     gap = b[key] - d[key]
     return {"model": Path(model).name, "method": "obs+refit", "sparsity": sp, "data": data, "budget_min": minutes,
-            "recovery": cfg.method, "lr": cfg.lr, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
+            "recovery": cfg.method, "lr": cfg.lr, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+            "target_modules": cfg.target_modules, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
             f"ppl{long}_after": a[key], "gap_closed": (b[key] - a[key]) / gap if gap else None,
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),

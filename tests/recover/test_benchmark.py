@@ -67,7 +67,8 @@ def test_recovery_harness_token_budget(tmp_path, data, monkeypatch):
     mod = load_script(BENCHMARKS / "recovery" / "run.py", "recovery_run_tokens")
     argv = ["run.py", "--models", str(env / "model"), "--sparsities", "0.5", "--budgets", "2",
             "--data", "c4", "--methods", "full", "--tasks", "", "--seq-lens", "32",
-            "--tokens-per-minute", "model=2500", "--out", str(tmp_path / "out")]
+            "--tokens-per-minute", "model=2500", "--set", "seq_len=16", "--set", "lr=3e-4",
+            "--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", argv)
     try:
         mod.main()
@@ -76,7 +77,15 @@ def test_recovery_harness_token_budget(tmp_path, data, monkeypatch):
         assert r["training"]["stop"] == "max_tokens" and r["training"]["budget"]["max_minutes"] is None
         t = r["training"]
         assert t["steps"] > 1 and 5000 <= t["tokens"] < 5000 + t["tokens"] / t["steps"]  # stops once past it
-        assert (tmp_path / "out" / "results" / "model" / "obs-refit-0.5__c4__2min-5000tok__full.json").is_file()
+        assert r["seq_len"] == 16 and r["lr"] == 3e-4 and r["batch_size"] == 8  # --set reached the training
+        assert t["steps"] == -(-5000 // (16 * 8))
+        name = "obs-refit-0.5__c4__2min-5000tok__full__lr=0.0003__seq_len=16.json"
+        assert (tmp_path / "out" / "results" / "model" / name).is_file()
+        assert "full mlp, 16x8, lr 0.0003" in (tmp_path / "out" / "results.md").read_text()
+        for bad in (["method=lora"], ["seq_len"], ["nope=1"], ["seq_len=1"], ["rank=0"]):
+            with pytest.raises(SystemExit, match="--set"):
+                mod.parse_settings(bad)
+        assert mod.parse_settings(["target_modules=[all]", "lr=1e-3"]) == {"target_modules": ["all"], "lr": 0.001}
         for bad in ("model", "model=0", "model=x", "=5"):
             with pytest.raises(SystemExit, match="tokens-per-minute"):
                 mod.parse_rates(bad)
