@@ -41,6 +41,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(HERE))
     import run as bench_run  # the benchmark's recipe, next to this script
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-budget", type=int, default=43760, help="training tokens per candidate")
     ap.add_argument("--tokens", type=int, default=16384, help="validation tokens")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--seq-lens", default="256,2048", help="validation window lengths")
+    ap.add_argument("--out", type=Path, default=HERE / "settings.json")
     args = ap.parse_args(argv)
     names = [c for c in args.candidates.split(",") if c]
     unknown = [c for c in names if c not in CANDIDATES]
     if unknown:
         raise SystemExit(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
-    out = HERE / "settings.json"
+    out = args.out
     rec = record()
     rows = (read_json(out) or {"rows": []})["rows"]
     key = (Path(args.model).name, args.sparsity, args.tokens_budget)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [c for c in names if c not in done]
     if not names:
         return 0
-    proto = Protocol(seq_lens=(256, 2048), ppl_source="wikitext2-valid", ppl_tokens=args.tokens, progress=False)
+    proto = Protocol(seq_lens=tuple(int(n) for n in args.seq_lens.split(",")), ppl_source="wikitext2-valid",
+                     ppl_tokens=args.tokens, progress=False)
     bench = Bench(bench_run.bench_recipe(args.model), proto, command=rec["command"])
     pruned = bench.prune(bench.recipe_with(sparsity=args.sparsity))
 
@@ -87,5 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     raise SystemExit(main())
