@@ -190,7 +190,7 @@ def markdown(found: list[dict[str, Any]]) -> str:
              f"Gap closed: `(before - after) / (before - dense)` of {key}. KL to the dense model on held-out text; "
              "tasks: mean primary metric of the leaderboard's task subsets.", "",
              f"| model | sparsity | data | budget | recovery | net loss | dense {key} | before | after | gap closed "
-             "| KL before -> after | tasks before -> after (dense) | tokens | minutes |",
+             "| KL before -> after | tasks before -> after (dense) | tokens | wall min |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     # windows x batch, learning rate and trained modules; rows written before these were recorded used the defaults
     def how(r: dict[str, Any]) -> str:

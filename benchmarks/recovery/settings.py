@@ -10,7 +10,8 @@ number of tokens on the benchmark's training text (c4 + technical) and reports p
 * ``seq2048``: one window of 2,048 tokens per step (same tokens per step), so training sees the positions that
   ppl@2048 scores;
 * ``lr3e-4``: three times the learning rate;
-* ``all``: every projection of the decoder layers trains, not only the MLP.
+* ``all``: every projection of the decoder layers trains, not only the MLP;
+* ``lr3e-4+seq2048``: the two together.
 
     OMP_NUM_THREADS=1 python benchmarks/recovery/settings.py --model smollm2-135m --sparsity 0.3 --tokens-budget 43760
 
@@ -37,6 +38,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "seq2048": {"seq_len": 2048, "batch_size": 1},
     "lr3e-4": {"lr": 3e-4},
     "all": {"target_modules": ["all"]},
+    "lr3e-4+seq2048": {"lr": 3e-4, "seq_len": 2048, "batch_size": 1},
 }
 
 
