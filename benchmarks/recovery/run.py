@@ -195,7 +195,9 @@ def markdown(found: list[dict[str, Any]]) -> str:
     # windows x batch, learning rate and trained modules; rows written before these were recorded used the defaults
     def how(r: dict[str, Any]) -> str:
         mods = ",".join(r.get("target_modules") or r["training"]["target_modules"] or [])
-        return f"{r['recovery']} {mods}, {r.get('seq_len', 256)}x{r.get('batch_size', 8)}, lr {r['lr']:g}"
+        seq_len = r.get("seq_len", RecoverConfig.model_fields["seq_len"].default)
+        batch = r.get("batch_size", RecoverConfig.model_fields["batch_size"].default)
+        return f"{r['recovery']} {mods}, {seq_len}x{batch}, lr {r['lr']:g}"
 
     for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], r["data"], r["budget_min"], how(r),
                                           r.get("network_weight") or 0.0)):
