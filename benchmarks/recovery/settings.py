@@ -11,7 +11,11 @@ number of tokens on the benchmark's training text (c4 + technical) and reports p
   ppl@2048 scores;
 * ``lr3e-4``: three times the learning rate;
 * ``all``: every projection of the decoder layers trains, not only the MLP;
-* ``lr3e-4+seq2048``: the two together.
+* ``lr3e-4+seq2048``: the two together;
+* ``lr1e-3``: ten times the learning rate;
+* ``lr3e-4+all``: three times the learning rate on every projection;
+* ``lr3e-4+b2``: three times the learning rate with 2 windows per step, so the same tokens make four times
+  as many optimizer steps.
 
     OMP_NUM_THREADS=1 python benchmarks/recovery/settings.py --model smollm2-135m --sparsity 0.3 --tokens-budget 43760
 
@@ -39,6 +43,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr3e-4": {"lr": 3e-4},
     "all": {"target_modules": ["all"]},
     "lr3e-4+seq2048": {"lr": 3e-4, "seq_len": 2048, "batch_size": 1},
+    "lr1e-3": {"lr": 1e-3},
+    "lr3e-4+all": {"lr": 3e-4, "target_modules": ["all"]},
+    "lr3e-4+b2": {"lr": 3e-4, "batch_size": 2},
 }
 
 
