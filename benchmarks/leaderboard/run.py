@@ -10,7 +10,9 @@ way. The model is loaded once; calibration activations and networks are computed
 reused by every cell; each cell prunes a fresh copy of the dense model (``benchmarks/runner.py``, fbnprune's own
 stages). One JSON per cell goes to ``results/<model>/<cell>.json`` (``--results DIR``: ``DIR/<model>/``, e.g. for
 a trial that must not touch the committed cells); finished cells are skipped, so an interrupted run resumes where it
-stopped. Cells run in the order of the ``--cells`` patterns (then by name), so the most informative go first.
+stopped. Cells run in the order of the ``--cells`` patterns (then by name), so the most informative go first; a
+cell that another run on the same folder finished meanwhile is skipped, so two runs (one per core) can share a
+grid from its two ends.
 
     python benchmarks/leaderboard/run.py --model smollm2-135m --carry-from v2
 
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "compensate": "none"},
                             "eval_info": res, "meta_info": meta(t0, started, bench.recipe, extra)})
     for name in todo:
+        if out.done(name):  # written meanwhile by another run on the same folder (e.g. one per core, other cells)
+            continue
         t0, started = time.perf_counter(), machine()
         say(f"cell {name}")
         recipe = load_recipe(cells[name], calib)

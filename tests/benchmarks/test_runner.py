@@ -201,3 +201,24 @@ def test_leaderboard_order_carry_over_results_dir_and_resume(leaderboard, tmp_pa
     assert mod.main(argv) == 0  # resumable: everything is done, nothing is loaded or rewritten
     assert "0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (res / "tiny").iterdir()} == stamps
+
+
+def test_leaderboard_skips_a_cell_another_run_finished_meanwhile(leaderboard, tmp_path, capsys, monkeypatch):
+    """Two runs may share one results folder (one per core, from the grid's two ends): a cell the other run wrote
+    after this one started is not measured again."""
+    d, mod = leaderboard
+    res = tmp_path / "shared"
+    other = {"run_info": {"cell": "b-50"}, "eval_info": {"by": "the other run"}}
+    prune = mod.Bench.prune
+
+    def prune_then_other_run_finishes(self, recipe):
+        r = prune(self, recipe)
+        (res / "tiny" / "b-50.json").write_text(json.dumps(other))
+        return r
+
+    monkeypatch.setattr(mod.Bench, "prune", prune_then_other_run_finishes)
+    assert mod.main(["--model", "tiny", "--cells", "b-25", "b-50", "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "2 to run" in out and "] cell b-25" in out and "] cell b-50" not in out
+    assert json.loads((res / "tiny" / "b-50.json").read_text()) == other
+    assert json.loads((res / "tiny" / "b-25.json").read_text())["run_info"]["cell"] == "b-25"
