@@ -154,7 +154,7 @@ def main() -> None:
                                     checkpoint_every=args.checkpoint_every, network_weight=nw, **extra)
                 student = copy.deepcopy(pruned.lm.model)
                 trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan,
-                                   networks=pruned.networks, progress=False)
+                                   networks=pruned.networks)  # a progress bar: a cell trains for up to an hour
                 after = summary(bench.evaluate(student, name))
                 cells.write(name, {"row": row(model, sp, data, minutes, rate, cfg, dense["eval"], before["eval"], after,
                                               trained, rec, long),
