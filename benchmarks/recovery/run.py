@@ -70,10 +70,12 @@ def protocol(args: argparse.Namespace) -> Protocol:
 
 
 def summary(ev: dict[str, Any]) -> dict[str, Any]:
-    """Perplexities, KL, top-1 and the tasks' mean primary metric of one evaluation."""
+    """Perplexities, KL, top-1 and the tasks' mean primary metric of one evaluation, and whether its windows
+    started with a BOS token (the model's feed)."""
     from fbnprune.evaluate.report import primary_metric
 
     out: dict[str, Any] = {k: v["ppl"] for k, v in ev.items() if k.startswith("ppl")}
+    out["bos"] = next((v["bos"] for k, v in ev.items() if k.startswith("ppl") and "bos" in v), None)
     if "retention" in ev:
         out["kl"], out["top1"] = ev["retention"]["kl"], ev["retention"]["top1_agreement"]
     tasks = (ev.get("tasks") or {}).get("tasks") or {}
@@ -265,7 +267,7 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
             "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
-            "network_weight": cfg.network_weight, "budget_tokens": cfg.max_tokens,
+            "network_weight": cfg.network_weight, "bos": a.get("bos"), "budget_tokens": cfg.max_tokens,
             "budget_tokens_per_minute": rate,
             "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
 

@@ -34,6 +34,7 @@ from fbnprune.evaluate.harness import evaluate_tasks
 from fbnprune.evaluate.ppl import perplexity, token_stream
 from fbnprune.evaluate.report import primary_metric
 from fbnprune.export.hf import atomic_dir
+from fbnprune.models.feed import feed_info, start_tokens
 from fbnprune.outputs import check_output_dir
 from fbnprune.paths import cache_dir
 from fbnprune.recipe.schema import AnalyzeConfig, Recipe
@@ -102,6 +103,7 @@ def analyze(recipe: Recipe, output_dir: str | Path | None = None, overwrite: boo
     summary = summarize(rows, metrics)
     report = {
         "recipe": recipe.name, "model": recipe.model.source, "settings": cfg.model_dump(mode="json"),
+        "feed": feed_info(start_tokens(r.lm.tokenizer)),  # how every probe, calibration and task sequence started
         "networks": {"path": str(nets.path), "params": nets.summary["params"], "runs_ok": nets.summary["runs_ok"],
                      "matched_runs": nets.summary.get("matched_runs"), "per_layer": nets.summary["per_layer"]},
         "recurrence": rec, "summary": summary, "rows": rows,

@@ -72,6 +72,14 @@ def _acc_se(p: float, settings: dict[str, Any]) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else 0.0
 
 
+def _feed(report: dict[str, Any]) -> str:
+    """How the sequences started (reports written before the feed was recorded say nothing)."""
+    feed = report.get("feed")
+    if feed is None:
+        return ""
+    return f" Every sequence starts with the tokenizer's start tokens {feed['start_tokens']} (bos: {feed['bos']})."
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     rec = report["recurrence"]
@@ -80,7 +88,7 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Recipe `{report['recipe']}`; networks `{report['networks']['path']}` "
              f"({report['networks']['runs_ok']} runs on disjoint text, {report['networks']['params']['method']}, "
              f"k = {report['networks']['params']['n_components']}, tau = {report['networks']['params']['threshold']}). "
-             f"{report['seconds']} s on {report['provenance']['machine']}.", "",
+             f"{report['seconds']} s on {report['provenance']['machine']}.{_feed(report)}", "",
              "Unmodified model: " + ", ".join(f"{m} {_f(s['baseline'][m])}" for m in metrics), "",
              "## Verdicts (rules in fbnprune/analyze/report.py)", ""]
     lines += [f"- **{k}**: {v}" for k, v in verdicts(report).items()]

@@ -219,7 +219,13 @@ def test_analyze_command_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     rep = json.loads((out / "analysis.json").read_text())
     assert len(rep["rows"]) == 1 + 2 * 3 + 2 * 3 + 1 * 3
     assert rep["recurrence"]["runs"] >= 2
-    assert "## Verdicts" in (out / "analysis.md").read_text()
+    from transformers import AutoTokenizer
+
+    from fbnprune.models.feed import start_tokens
+
+    start = start_tokens(AutoTokenizer.from_pretrained(env / "model"))  # the feed is the tokenizer's own start
+    assert rep["feed"] == {"bos": bool(start), "start_tokens": start}
+    assert "## Verdicts" in (out / "analysis.md").read_text() and f"(bos: {bool(start)})" in (out / "analysis.md").read_text()
     from fbnprune.analyze.report import main as rerender
 
     (out / "analysis.md").unlink()  # the markdown can be re-rendered from the JSON alone

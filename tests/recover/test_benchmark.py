@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import fbnprune.run as pipeline
+from fbnprune.models.feed import start_tokens
 from tests.benchmarks import BENCHMARKS, load_script
 from tests.conftest import WORDS, make_tiny_env
 
@@ -48,7 +50,9 @@ def test_recovery_harness_rows(tmp_path, data, monkeypatch):
             assert r["training"]["stop"] == "max_minutes" and r["training"]["steps"] >= 1
             assert r["budget_tokens"] is None and r["budget_tokens_per_minute"] is None  # a wall-time budget
             assert r["ppl32_before"] == rows[0]["ppl32_before"]  # every recovery starts from the same pruned model
+            assert r["bos"] is bool(start_tokens(AutoTokenizer.from_pretrained(env / "model")))  # the feed, recorded
         cells = tmp_path / "out" / "results" / "model"
+        assert all(json.loads((cells / f"{n}.json").read_text())["eval"]["bos"] is r["bos"] for n in ("dense", "before-0.5"))
         stamps = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
         assert len(stamps) == 4  # dense, before-0.5 and the two recoveries
         mod.main()  # every cell is done: nothing is measured again
