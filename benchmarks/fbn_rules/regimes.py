@@ -318,6 +318,35 @@ def prior_table(choices: list[dict[str, Any]]) -> list[str]:
     return [*md, ""]
 
 
+def domain_table(ms: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per model, fbn against the best baseline for every (calibration set, evaluation set) pair of the
+    domain regime (8,192 calibration tokens), so the off-diagonal (calibrated on one domain, used on another)
+    reads at a glance next to the in-domain diagonal."""
+    tokens = REGIMES["domain"]["tokens"][0]
+    calibs = REGIMES["domain"]["sources"]
+    evals = REGIMES["domain"]["evals"]
+    md = ["## Calibration from another domain (8,192 tokens)", "",
+          "fbn against the best baseline of each cell (its name in brackets), as a share of that baseline's "
+          "perplexity increase over dense (positive: fbn better). Rows: calibration text; columns: evaluation "
+          "text (WikiText-2 test, and the held-out tail of each calibration set). One calibration seed (the "
+          "wikitext2-valid / WikiText-2 test cell: the mean of the budget regime's three); the seed spread of the "
+          "budget regime at 8,192 tokens is the yardstick.", ""]
+    short = {"obs-refit": "OBS", "wanda_sp-refit": "Wanda", "corr_redundancy": "corr"}
+    for model in sorted({m["model"] for m in ms}):
+        cell = {(m["calib_source"], m["eval_source"]): m for m in ms
+                if m["model"] == model and m["calib_tokens"] == tokens}
+        if not any((c, e) in cell for c in calibs if c != VALID_SET for e in evals):
+            continue
+        md += [f"### {model}", "", "| calibration \\ evaluation | " + " | ".join(evals) + " |",
+               "|---|" + "---|" * len(evals)]
+        for c in calibs:
+            vals = [f"{cell[(c, e)]['fbn_vs_best']:+.1%} ({short.get(cell[(c, e)]['best_baseline'], '?')})"
+                    if (c, e) in cell else "—" for e in evals]
+            md.append(f"| {c} | " + " | ".join(vals) + " |")
+        md.append("")
+    return md
+
+
 def summarize() -> None:
     table = rows()
     if not table:
@@ -343,6 +372,7 @@ def summarize() -> None:
                       + " | ".join(cells) + f" | {LABELS[m['best_baseline']]} | "
                       f"{m['fbn_vs_best']:+.1%} ± {m['fbn_vs_best_sd']:.1%} |")
         md.append("")
+    md += domain_table(ms)
     md += prior_table(prior_choices(table))
     (HERE / "regimes.md").write_text("\n".join(md))
     figure(ms)

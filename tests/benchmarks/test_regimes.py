@@ -114,6 +114,23 @@ def test_margins_pair_seeds_against_the_best_baseline(regimes, monkeypatch):
     assert mod.margins([*table, row("fbn~x:1", 0, 0.1)])[0]["best_baseline"] == "b"  # prior cells are not methods
 
 
+def test_domain_table_places_each_pair(regimes, monkeypatch):
+    """The domain pivot puts every (calibration, evaluation) margin in its own cell and leaves missing ones blank."""
+    mod, *_ = regimes
+    monkeypatch.setitem(mod.REGIMES, "domain", {"sources": ["a", "b"], "tokens": [8192], "seeds": [0],
+                                                "evals": ["t", "x", "y"]})
+
+    def margin(calib, tokens, ev, share):
+        return {"model": "m", "calib_source": calib, "calib_tokens": tokens, "eval_source": ev,
+                "fbn_vs_best": share, "best_baseline": "obs-refit"}
+
+    md = mod.domain_table([margin("b", 8192, "y", 0.125), margin("b", 1024, "t", 0.5)])  # 1,024: not a domain cell
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][1:]
+            for line in md if line.startswith(("| a |", "| b |"))}
+    assert rows == {"a": ["—", "—", "—"], "b": ["—", "—", "+12.5% (OBS)"]}
+    assert "### m" not in "\n".join(mod.domain_table([margin("b", 1024, "t", 0.5)]))  # nothing at 8,192: no table
+
+
 def test_dense_perplexity_is_the_protocol_number(regimes, tiny_env):
     mod, calib, test, out = regimes
     mod.run("tiny", "domain", ["wanda_sp-refit"], 25, "1 torch thread")
