@@ -320,17 +320,17 @@ def prior_table(choices: list[dict[str, Any]]) -> list[str]:
 
 def domain_table(ms: list[dict[str, Any]]) -> list[str]:
     """Markdown: per model, fbn against the best baseline for every (calibration set, evaluation set) pair of the
-    domain regime (8,192 calibration tokens), so the off-diagonal (calibrated on one domain, used on another)
+    domain regime (its one calibration budget), so the off-diagonal (calibrated on one domain, used on another)
     reads at a glance next to the in-domain diagonal."""
     tokens = REGIMES["domain"]["tokens"][0]
     calibs = REGIMES["domain"]["sources"]
     evals = REGIMES["domain"]["evals"]
-    md = ["## Calibration from another domain (8,192 tokens)", "",
+    md = [f"## Calibration from another domain ({tokens:,} tokens)", "",
           "fbn against the best baseline of each cell (its name in brackets), as a share of that baseline's "
           "perplexity increase over dense (positive: fbn better). Rows: calibration text; columns: evaluation "
           "text (WikiText-2 test, and the held-out tail of each calibration set). One calibration seed (the "
           "wikitext2-valid / WikiText-2 test cell: the mean of the budget regime's three); the seed spread of the "
-          "budget regime at 8,192 tokens is the yardstick.", ""]
+          f"budget regime at {tokens:,} tokens is the yardstick.", ""]
     short = {"obs-refit": "OBS", "wanda_sp-refit": "Wanda", "corr_redundancy": "corr"}
     for model in sorted({m["model"] for m in ms}):
         cell = {(m["calib_source"], m["eval_source"]): m for m in ms
