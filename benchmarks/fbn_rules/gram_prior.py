@@ -14,7 +14,14 @@ and the count stay as measured. Kinds, each with a strength ``lam``:
   1e-3, here at the strength a study would tune).
 
 Recurring networks: the networks of a layer's stored runs that recur in at least ``MIN_RECURRENCE`` of the other
-runs (all of them when the layer has one run, e.g. when the calibration text fills one discovery block).
+runs (all of them when the layer has one run, e.g. when the calibration text fills one discovery block). They
+overlap (a neuron can belong to several, and every run finds its own copy of a recurring network), and a mask
+of overlapping blocks is not positive semi-definite: shrinking by it can give the covariance negative
+eigenvalues, which OBS and the re-fit then invert (perplexities in the hundred-thousands at 1,024 tokens). So the
+networks are first made a partition: the most recurrent (then the largest) network takes its members, the next
+takes those of its members that are still free, and so on. The kept pairs then form disjoint blocks, the shrink
+factor matrix ``(1 - lam) 11^T + lam B`` is positive semi-definite, and by the Schur product theorem so is the
+shrunk covariance, at every strength; ``rand`` permutes the same partition, ``diag`` is its singleton case.
 
 Study code, not a product option: it patches the Gram function where the scorers and compensations look it up,
 for the duration of a ``with applied(...)`` block.
@@ -38,20 +45,31 @@ MIN_RECURRENCE = 0.5
 _USERS = (_obs, _redundancy, _compensate)
 
 
-def recurring_mask(nets: Any, layer: int, min_recurrence: float = MIN_RECURRENCE) -> torch.Tensor:
-    """Boolean ``(N, N)``: neurons ``i`` and ``j`` are members of one recurring network of ``layer`` (diagonal
-    true)."""
+def recurring_groups(nets: Any, layer: int, min_recurrence: float = MIN_RECURRENCE) -> torch.Tensor:
+    """``(N,)`` long: each neuron's group in the partition made of ``layer``'s recurring networks (see module doc),
+    ``-1`` for a neuron in none of them."""
     n = nets.widths[layer]
-    mask = torch.eye(n, dtype=torch.bool)
     runs = nets.n_runs(layer)
     rec = nets.network_recurrence(layer)
+    found: list[tuple[float, int, int, int, torch.Tensor]] = []
     for r in range(runs):
         members = nets.networks(layer, r)  # (n_net, N)
-        keep = torch.ones(len(members), dtype=torch.bool) if runs < 2 else rec[r] >= min_recurrence
-        for m in members[keep]:
-            idx = m.nonzero().flatten()
-            mask[idx[:, None], idx[None, :]] = True
-    return mask
+        for i, m in enumerate(members):
+            score = 1.0 if runs < 2 else float(rec[r][i])
+            if score >= min_recurrence:
+                found.append((score, int(m.sum()), r, i, m))
+    found.sort(key=lambda f: (-f[0], -f[1], f[2], f[3]))
+    group = torch.full((n,), -1, dtype=torch.long)
+    for k, (*_, m) in enumerate(found):
+        group[m & (group < 0)] = k
+    return group
+
+
+def recurring_mask(nets: Any, layer: int, min_recurrence: float = MIN_RECURRENCE) -> torch.Tensor:
+    """Boolean ``(N, N)``: neurons ``i`` and ``j`` are in one group of :func:`recurring_groups` (diagonal true),
+    so the kept pairs form disjoint blocks."""
+    g = recurring_groups(nets, layer, min_recurrence)
+    return (g[:, None] == g[None, :]) & (g[:, None] >= 0) | torch.eye(len(g), dtype=torch.bool)
 
 
 def permuted(mask: torch.Tensor, seed: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ tokens.
 
     python benchmarks/fbn_rules/regimes.py --model smollm2-135m --regime budget      # resumable
     python benchmarks/fbn_rules/regimes.py --model smollm2-135m --regime domain
+    python benchmarks/fbn_rules/regimes.py --model smollm2-135m --regime prior --tokens 1024 --seeds 0  # a slice
     python benchmarks/fbn_rules/regimes.py --summarize      # calibration_regimes.csv, regimes.md, figure
 
 * ``prior``: a network prior for OBS + re-fit (``gram_prior.py``): the covariance it reads shrunk towards the
@@ -155,8 +156,16 @@ def ppl(model: Any, texts: Texts, source: str, label: str) -> dict[str, Any]:
     return {k: r[k] for k in ("ppl", "nll", "tokens_scored", "windows", "seconds")}
 
 
-def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threads_note: str) -> None:
-    spec = REGIMES[regime]
+def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threads_note: str,
+        tokens: list[int] | None = None, seeds: list[int] | None = None) -> None:
+    """Every cell of ``regime`` not yet on disk; ``tokens`` / ``seeds`` restrict it to part of its grid (in the
+    order given), so that a long regime can be run in slices."""
+    spec = dict(REGIMES[regime])
+    for key, part in (("tokens", tokens), ("seeds", seeds)):
+        if part:
+            if unknown := [v for v in part if v not in spec[key]]:
+                raise SystemExit(f"--{key} {unknown} not in the {regime} regime's {key} {spec[key]}")
+            spec[key] = part
     methods = methods or spec.get("methods", list(METHODS))
     bases = {parse_method(m)[0] for m in methods}
     if any(parse_method(m)[1] for m in methods):
@@ -185,6 +194,7 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                 store = collect(bench.dense, calib, model_info=bench.base.lm.info, batch_size=4,
                                 keep_activations=True, drop_first=0)
                 bench.base.calib, bench.base.store = calib, store
+                prior_nets = None  # one discovery serves every net / rand cell of this calibration
                 for m, evs in todo.items():
                     t0 = time.perf_counter()
                     old = done[m]  # a cell that lacks some evaluations is pruned again
@@ -193,8 +203,9 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                     if kind is None:
                         r = bench.prune(recipe)
                     else:
-                        nets = (run_discovery(store, discover_for(recipes["fbn"], calib).discover)
-                                if kind in ("net", "rand") else None)
+                        if kind in ("net", "rand") and prior_nets is None:
+                            prior_nets = run_discovery(store, discover_for(recipes["fbn"], calib).discover)
+                        nets = prior_nets if kind in ("net", "rand") else None
                         with gram_prior.applied(kind, strength, nets, seed=seed):
                             r = bench.prune(recipe)
                     evals = dict((old or {}).get("evals", {}))
@@ -415,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=None,
                     help="grid methods, or BASE~KIND:STRENGTH with a Gram prior (default: the regime's)")
     ap.add_argument("--sparsity", type=int, default=30, help="per cent of MLP neurons removed (a grid sparsity)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="only these of the regime's budgets")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these of the regime's seeds")
     ap.add_argument("--summarize", action="store_true")
     args = ap.parse_args(argv)
     if args.summarize:
@@ -424,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--model and --regime are needed (or --summarize)")
     import torch
 
-    run(args.model, args.regime, args.methods, args.sparsity, f"{torch.get_num_threads()} torch threads")
+    run(args.model, args.regime, args.methods, args.sparsity, f"{torch.get_num_threads()} torch threads",
+        tokens=args.tokens, seeds=args.seeds)
     return 0
 
 

@@ -94,6 +94,21 @@ def test_run_resume_and_summary(regimes, capsys):
     assert (out / "regimes.md").is_file() and (out / "regimes_budget.png").stat().st_size > 1000
 
 
+def test_a_slice_runs_only_its_cells_with_one_discovery_for_the_priors(regimes, monkeypatch):
+    mod, calib, test, out = regimes
+    calls: list[int] = []
+    real = mod.run_discovery
+    monkeypatch.setattr(mod, "run_discovery", lambda *a, **k: calls.append(1) or real(*a, **k))
+    methods = ["wanda_sp-refit~net:0.5", "wanda_sp-refit~rand:0.5", "wanda_sp-refit~diag:0.5"]
+    mod.run("tiny", "budget", methods, 25, "1 torch thread", tokens=[128], seeds=[1])
+    key = calib.replace("/", "_")
+    made = sorted(f"{c.parent.name}/{c.name}" for c in (out / "regimes" / "tiny").glob("*/*.json"))
+    assert made == sorted(f"{key}-128-s1/{m}.json" for m in methods)
+    assert len(calls) == 1  # net and rand share the calibration's networks; diag needs none
+    with pytest.raises(SystemExit, match="not in the budget regime"):
+        mod.run("tiny", "budget", methods, 25, "1 torch thread", tokens=[100])
+
+
 def test_margins_pair_seeds_against_the_best_baseline(regimes, monkeypatch):
     mod, *_ = regimes
     monkeypatch.setattr(mod, "METHODS", ("fbn", "b", "c"))
@@ -198,6 +213,42 @@ def test_recurring_mask_and_its_permuted_control(prior_mod):
     p = prior_mod.permuted(m, seed=1)
     assert p.sum() == m.sum() and torch.equal(p, p.T) and p.diagonal().all() and not torch.equal(p, m)
     assert prior_mod.mask_density(Nets()) == [pytest.approx(6 / 30)]
+
+
+def test_overlapping_networks_become_a_partition_that_keeps_the_covariance_psd(prior_mod):
+    """Recurring networks {0,1,2} (recurrence 1.0) and {2,3} and {3,4,5} (0.5) overlap; a mask of their blocks
+    would not be positive semi-definite. The partition gives neuron 2 to the most recurrent network and 3 to the
+    larger of the others, and a shrunk rank-deficient covariance keeps no negative eigenvalue."""
+    class Nets:
+        widths = [7]
+        n_layers = 1
+
+        def n_runs(self, layer):
+            return 2
+
+        def networks(self, layer, run):
+            rows = ([[1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]] if run == 0
+                    else [[0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0]])
+            return torch.tensor(rows, dtype=torch.bool)
+
+        def network_recurrence(self, layer):
+            return torch.tensor([[1.0, 0.5], [0.25, 0.5]])
+
+    groups = prior_mod.recurring_groups(Nets(), 0)
+    assert groups.tolist() == [0, 0, 0, 1, 1, 1, -1]  # {1,2,3} recurs too little; neuron 6 is in no network
+    m = prior_mod.recurring_mask(Nets(), 0)
+    assert torch.equal(m, m.T) and m.diagonal().all() and torch.equal(m.float() @ m.float() > 0, m)  # transitive
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 7, generator=g, dtype=torch.float64)  # 5 rows: a singular covariance, as at small budgets
+    overlap = torch.eye(7, dtype=torch.bool)
+    for idx in ([0, 1, 2], [2, 3], [3, 4, 5]):
+        overlap[torch.tensor(idx)[:, None], torch.tensor(idx)[None, :]] = True
+    assert torch.linalg.eigvalsh(overlap.double()).min() < -0.1  # the blocks as found are not PSD
+    for mask in (m, prior_mod.permuted(m, seed=3)):
+        for lam in (0.2, 0.5, 0.8, 1.0):
+            out = prior_mod.shrink(augmented(h), "net", lam, mask)
+            c = out[:7, :7] / 5 - torch.outer(h.mean(0), h.mean(0))
+            assert torch.linalg.eigvalsh(c).min() > -1e-12
 
 
 def test_prior_is_applied_inside_the_block_only(prior_mod, tiny_env, private_cache):
