@@ -176,7 +176,8 @@ def plan_stage(r: Run) -> KeepPlan:
         sparsity = p.param_fraction * count_params(model) / params_per_neuron(model, r.adapter) / total
     ctx = ScoreContext(model=model, adapter=r.adapter, store=r.store,
                        sequences=r.calib.sequences if r.calib is not None else None, seed=p.seed, sparsity=sparsity,
-                       ridge=p.ridge, fbn_rule=p.fbn_rule, networks=r.networks, discover=r.recipe.discover)
+                       ridge=p.ridge, gram_shrink=p.gram_shrink, fbn_rule=p.fbn_rule, networks=r.networks,
+                       discover=r.recipe.discover)
     # sequential mode scores each layer only once the layers before it are pruned: plan the widths here
     # (protected layers, budget), the neurons in prune_stage
     scores = ([torch.zeros(r.adapter.width(m), dtype=torch.float64) for m in r.adapter.mlps(model)]
@@ -225,7 +226,7 @@ def sequential_stage(r: Run) -> None:
     p, c = r.recipe.prune, r.recipe.collect
     opts = SequentialOptions(
         method=p.method, sparsity=r.plan.sparsity, compensate=p.compensate, refit_target=p.refit_target,
-        ridge=p.ridge, fbn_rule=p.fbn_rule, discover=r.recipe.discover or default_discover(r),
+        ridge=p.ridge, gram_shrink=p.gram_shrink, fbn_rule=p.fbn_rule, discover=r.recipe.discover or default_discover(r),
         protected=tuple(r.plan.info["protected"]),
         min_width=p.min_width, round_to=p.round_to, mode=p.mode, seed=p.seed, batch_size=c.batch_size,
         drop_first=c.drop_first, kept_widths=tuple(r.plan.kept_widths))
@@ -251,7 +252,7 @@ def prune_stage(r: Run) -> None:
         sequential_stage(r)
     else:
         comp = compensate_(r.lm.model, r.plan, r.store, p.compensate, networks=r.networks, ridge=p.ridge,
-                           method=p.method, fbn_rule=p.fbn_rule)
+                           gram_shrink=p.gram_shrink, method=p.method, fbn_rule=p.fbn_rule)
         if comp:
             r.report["compensation"] = comp
         apply_plan_(r.lm.model, r.plan, mode=p.mode)

@@ -9,7 +9,8 @@ and the count stay as measured. Kinds, each with a strength ``lam``:
   ``1 - lam``; pairs inside a recurring network and the variances are kept;
 * ``rand``: the same, with the network mask's neurons permuted at random (seeded): as many pairs kept, as much
   shrinkage, but no network structure, the control that says whether the networks' pairs are the right ones;
-* ``diag``: every covariance between two neurons scaled by ``1 - lam`` (shrinkage towards the diagonal);
+* ``diag``: every covariance between two neurons scaled by ``1 - lam`` (shrinkage towards the diagonal; the
+  product's ``prune.gram_shrink``, :func:`fbnprune.prune.gram.shrink_to_diagonal`);
 * ``ridge``: ``lam`` times the mean variance added to every variance (what the methods' own ``ridge`` does at
   1e-3, here at the strength a study would tune).
 
@@ -38,7 +39,7 @@ import torch
 import fbnprune.prune.compensate as _compensate
 import fbnprune.prune.obs as _obs
 import fbnprune.prune.redundancy as _redundancy
-from fbnprune.prune.gram import moments
+from fbnprune.prune.gram import moments, shrink_to_diagonal
 
 KINDS = ("net", "rand", "diag", "ridge")
 MIN_RECURRENCE = 0.5
@@ -84,15 +85,16 @@ def shrink(g: torch.Tensor, kind: str, lam: float, mask: torch.Tensor | None = N
         raise ValueError(f"unknown Gram prior {kind!r}; choose one of {KINDS}")
     if lam == 0:  # no prior: the measured Gram itself, not a rounding of it
         return g
+    if kind == "diag":  # the product's own option (prune.gram_shrink)
+        return shrink_to_diagonal(g, lam)
     n = g.shape[0] - 1
     rows, mean, cov = moments(g)
     if kind == "ridge":
         cov = cov + lam * float(cov.diagonal().mean()) * torch.eye(n, dtype=g.dtype)
     else:
-        keep = torch.eye(n, dtype=torch.bool) if kind == "diag" else mask
-        if keep is None:
+        if mask is None:
             raise ValueError(f"Gram prior {kind!r} needs a mask")
-        cov = torch.where(keep, cov, (1.0 - lam) * cov)
+        cov = torch.where(mask, cov, (1.0 - lam) * cov)
     out = g.clone()
     out[:n, :n] = (cov + torch.outer(mean, mean)) * rows
     return out

@@ -43,7 +43,7 @@ from fbnprune.collect.store import ActivationStore
 from fbnprune.discover import NetworkSet
 from fbnprune.errors import UserError
 from fbnprune.prune.fbn import DEFAULT_RULE
-from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.gram import augmented_gram, shrink_to_diagonal
 from fbnprune.prune.networks import network_neighbourhoods
 from fbnprune.prune.plan import KeepPlan
 from fbnprune.prune.refit import (
@@ -67,6 +67,7 @@ class CompensateOptions:
     """The settings every compensation is given; each uses those it needs."""
 
     ridge: float = 1e-3  # relative ridge of refit, netrefit and corrrefit (anchored has its own, see below)
+    gram_shrink: float = 0.0  # the Gram's covariance shrunk towards its diagonal (fbnprune.prune.gram)
     networks: NetworkSet | None = None  # for netrefit and corrrefit
     progress: bool = True
     method: str | None = None  # the scorer that made the plan, and its fbn rule: what ``auto`` resolves with
@@ -191,13 +192,15 @@ LayerSolve = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[tor
 
 
 def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float, solve: LayerSolve,
-                   progress: bool = False, report: dict[str, Any] | None = None, errors: bool = True
-                   ) -> dict[str, Any]:
+                   progress: bool = False, report: dict[str, Any] | None = None, errors: bool = True,
+                   gram_shrink: float = 0.0) -> dict[str, Any]:
     """The per-layer loop every re-fit shares: ``solve`` gives a layer's new kept columns and bias, written here in
-    place; a layer with nothing pruned gets a zero bias. Returns the report with per-layer relative errors."""
+    place; a layer with nothing pruned gets a zero bias. Returns the report with per-layer relative errors, on the
+    measured activations (``solve`` sees the Gram shrunk by ``gram_shrink``)."""
     adapter = _check(model, plan, store)
     assert store is not None
-    report = {"ridge": ridge, "layers": {}, **(report or {})}
+    report = {"ridge": ridge, **({"gram_shrink": gram_shrink} if gram_shrink else {}), "layers": {},
+              **(report or {})}
     mlps = adapter.mlps(model)
     by_layer = dist.sharding_layers(len(mlps))  # several processes: each layer solved on one rank, Gram included
 
@@ -208,7 +211,7 @@ def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ri
             return None
         g = augmented_gram(store, i, reduce=not by_layer)
         w64 = w.detach().double().cpu()  # (d, width)
-        cols, delta, extra = solve(i, g, w64, keep)
+        cols, delta, extra = solve(i, shrink_to_diagonal(g, gram_shrink), w64, keep)
         info = {**(rel_errors(g, w64, keep, cols, delta) if errors else {}), **extra}
         return cols.to(dtype=w.dtype, device="cpu"), delta, info  # the columns as the model stores them
 
@@ -229,7 +232,7 @@ def _refit_layers_(model: Any, plan: KeepPlan, store: ActivationStore | None, ri
 @torch.no_grad()
 def refit_compensation_(
     model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float = 1e-3, progress: bool = True,
-    cross: dict[int, torch.Tensor] | None = None,
+    cross: dict[int, torch.Tensor] | None = None, gram_shrink: float = 0.0,
 ) -> dict[str, Any]:
     """Re-fit the kept down-projection columns and a bias by ridge least squares (in place, before pruning).
 
@@ -238,6 +241,7 @@ def refit_compensation_(
     Returns per-layer relative output errors on the calibration data (before -> after), for reports.
     ``cross[i]`` (:func:`fbnprune.prune.refit.ridge_refit`) re-targets layer ``i`` at other activations' output
     (sequential pruning's dense target); its errors are then measured by the caller, not reported here.
+    ``gram_shrink``: the calibration covariance shrunk towards its diagonal first (for little calibration text).
     """
     _check(model, plan, store)
     assert store is not None
@@ -255,12 +259,13 @@ def refit_compensation_(
     def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
         return (*ridge_refit(g, w64, keep, ridge, None if cross is None else cross.get(i)), {})
 
-    return _refit_layers_(model, plan, store, ridge, solve, progress, report, errors=cross is None)
+    return _refit_layers_(model, plan, store, ridge, solve, progress, report, errors=cross is None,
+                          gram_shrink=gram_shrink)
 
 
 @torch.no_grad()
-def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float = 0.1
-                                 ) -> dict[str, Any]:
+def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float = 0.1,
+                                 gram_shrink: float = 0.0) -> dict[str, Any]:
     """Re-fit whose ridge shrinks toward the ORIGINAL kept columns, not toward zero (in place, before pruning;
     :func:`fbnprune.prune.refit.anchored_refit`). Returns per-layer relative output errors (calibration)."""
     if ridge <= 0:
@@ -269,14 +274,14 @@ def anchored_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationSt
     def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
         return (*anchored_refit(g, w64, keep, ridge), {})
 
-    return _refit_layers_(model, plan, store, ridge, solve)
+    return _refit_layers_(model, plan, store, ridge, solve, gram_shrink=gram_shrink)
 
 
 Neighbourhoods = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, gram, keep mask) -> (N, N)
 
 
 def _neighbourhood_refit_(model: Any, plan: KeepPlan, store: ActivationStore | None, ridge: float,
-                          neighbours: Neighbourhoods) -> dict[str, Any]:
+                          neighbours: Neighbourhoods, gram_shrink: float = 0.0) -> dict[str, Any]:
     """The network re-fit and its correlation control, which differ only in the neighbourhoods."""
 
     def solve(i: int, g: torch.Tensor, w64: torch.Tensor, keep: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
@@ -284,12 +289,13 @@ def _neighbourhood_refit_(model: Any, plan: KeepPlan, store: ActivationStore | N
         new_w, delta, n_alone = network_refit_weights(g, w64, km, neighbours(i, g, km), ridge)
         return new_w[:, keep], delta, {"alone": n_alone / (plan.widths[i] - len(keep))}
 
-    return _refit_layers_(model, plan, store, ridge, solve)
+    return _refit_layers_(model, plan, store, ridge, solve, gram_shrink=gram_shrink)
 
 
 @torch.no_grad()
 def network_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationStore | None, nets: NetworkSet,
-                                ridge: float = 1e-3, run: int | None = None) -> dict[str, Any]:
+                                ridge: float = 1e-3, run: int | None = None, gram_shrink: float = 0.0
+                                ) -> dict[str, Any]:
     """Re-fit restricted to functional networks (in place, before pruning).
 
     Each pruned neuron ``p`` is rebuilt, by ridge least squares on the calibration activations, from the kept
@@ -298,15 +304,16 @@ def network_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationSto
     no network gets only the constant (FLAP's mean). It has far fewer free parameters than the global re-fit.
     Returns per-layer relative output errors (calibration) and the fraction of pruned neurons with no neighbour.
     """
-    return _neighbourhood_refit_(model, plan, store, ridge, lambda i, g, km: network_neighbourhoods(nets, i, run))
+    return _neighbourhood_refit_(model, plan, store, ridge, lambda i, g, km: network_neighbourhoods(nets, i, run),
+                                 gram_shrink)
 
 
 @torch.no_grad()
 def correlation_refit_compensation_(model: Any, plan: KeepPlan, store: ActivationStore | None, nets: NetworkSet,
-                                    ridge: float = 1e-3) -> dict[str, Any]:
+                                    ridge: float = 1e-3, gram_shrink: float = 0.0) -> dict[str, Any]:
     """Control for :func:`network_refit_compensation_`: same neighbourhood sizes, neighbours by correlation."""
     return _neighbourhood_refit_(model, plan, store, ridge, lambda i, g, km: correlation_neighbourhoods(
-        g, km, network_neighbourhoods(nets, i)))
+        g, km, network_neighbourhoods(nets, i)), gram_shrink)
 
 
 def _networks(kind: str, o: CompensateOptions) -> NetworkSet:
@@ -328,24 +335,26 @@ def _bias(model: Any, plan: KeepPlan, store: ActivationStore | None, o: Compensa
 
 @register_compensation("refit", needs=_GRAM)
 def _refit(model: Any, plan: KeepPlan, store: ActivationStore | None, o: CompensateOptions) -> dict[str, Any]:
-    return refit_compensation_(model, plan, store, ridge=o.ridge, progress=o.progress)
+    return refit_compensation_(model, plan, store, ridge=o.ridge, progress=o.progress, gram_shrink=o.gram_shrink)
 
 
 @register_compensation("anchored", needs=_GRAM)
 def _anchored(model: Any, plan: KeepPlan, store: ActivationStore | None, o: CompensateOptions) -> dict[str, Any]:
     # its own ridge (0.1 of the mean diagonal): it pulls toward the original columns, so the re-fit's 1e-3
     # (toward zero) would be a different rebuild, close to the plain re-fit
-    return anchored_refit_compensation_(model, plan, store)
+    return anchored_refit_compensation_(model, plan, store, gram_shrink=o.gram_shrink)
 
 
 @register_compensation("netrefit", needs=_NETS)
 def _netrefit(model: Any, plan: KeepPlan, store: ActivationStore | None, o: CompensateOptions) -> dict[str, Any]:
-    return network_refit_compensation_(model, plan, store, _networks("netrefit", o), ridge=o.ridge)
+    return network_refit_compensation_(model, plan, store, _networks("netrefit", o), ridge=o.ridge,
+                                       gram_shrink=o.gram_shrink)
 
 
 @register_compensation("corrrefit", needs=_NETS)
 def _corrrefit(model: Any, plan: KeepPlan, store: ActivationStore | None, o: CompensateOptions) -> dict[str, Any]:
-    return correlation_refit_compensation_(model, plan, store, _networks("corrrefit", o), ridge=o.ridge)
+    return correlation_refit_compensation_(model, plan, store, _networks("corrrefit", o), ridge=o.ridge,
+                                           gram_shrink=o.gram_shrink)
 
 
 @register_compensation("auto")

@@ -148,7 +148,8 @@ def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     def one(i: int) -> torch.Tensor:
         w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
         n = w.shape[1]
-        return obs_order(augmented_gram(store, i, reduce=not by_layer), w, round(n * (1 - sparsity)), steps, ridge)
+        g = augmented_gram(store, i, reduce=not by_layer, shrink=ctx.gram_shrink)
+        return obs_order(g, w, round(n * (1 - sparsity)), steps, ridge)
 
     return [s for _, s in tqdm(dist.layer_results(len(mlps), one, "obs scoring"), total=len(mlps),
                                desc="obs scoring", unit="layer", disable=not ctx.progress)]

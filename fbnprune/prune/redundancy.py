@@ -153,7 +153,7 @@ def redundancy_scores(ctx: ScoreContext, nets: NetworkSet, control: bool = False
 
     def one(i: int) -> torch.Tensor:
         w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
-        g = augmented_gram(store, i, reduce=not by_layer)
+        g = augmented_gram(store, i, reduce=not by_layer, shrink=ctx.gram_shrink)
         share = network_neighbourhoods(nets, i)
         nb: Neighbours = correlation_like(g, share) if control else (lambda alive, s=share: s)
         return redundancy_order(g, w, round(w.shape[1] * (1 - sparsity)), nb, steps, ridge)

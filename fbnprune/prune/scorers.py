@@ -73,6 +73,8 @@ class ScoreContext:
     sparsity: float | None = None
     #: relative ridge of the least-squares fits inside elimination scorers (as in compensation)
     ridge: float = 1e-3
+    #: the calibration covariance shrunk towards its diagonal by this fraction before it is read (little text)
+    gram_shrink: float = 0.0
     progress: bool = True
     #: how fbn turns networks into scores (:data:`fbnprune.prune.fbn.FBN_RULES`); None: its default rule
     fbn_rule: str | None = None

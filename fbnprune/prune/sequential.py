@@ -77,6 +77,7 @@ class SequentialOptions:
     compensate: str = "none"
     refit_target: str = "layer"
     ridge: float = 1e-3
+    gram_shrink: float = 0.0
     fbn_rule: str | None = None
     discover: Any = None  # DiscoverConfig or mapping, for the methods that discover networks per layer
     protected: tuple[int, ...] = ()
@@ -624,7 +625,8 @@ def prune_sequential(
                                                  discover=opts.discover, progress=False), opts.method)
         if kept[i] < w:
             ctx = ScoreContext(model=view, adapter=adapter, store=store, seed=opts.seed + i,
-                               sparsity=1 - kept[i] / w, ridge=opts.ridge, fbn_rule=opts.fbn_rule,
+                               sparsity=1 - kept[i] / w, ridge=opts.ridge, gram_shrink=opts.gram_shrink,
+                               fbn_rule=opts.fbn_rule,
                                networks=nets, discover=opts.discover, progress=False)
             scores = score_neurons(opts.method, ctx)
             # the same scores on every rank; rank 0's choice is the one every rank prunes by
@@ -638,10 +640,10 @@ def prune_sequential(
                                        torch.zeros(adapter.down_weight(getattr(layer, adapter.mlp_attr)).shape[0]))
         elif opts.compensate == "refit" and opts.refit_target == "dense":
             comp = refit_compensation_(view, plan, store, ridge=opts.ridge, progress=False,
-                                       cross={0: _cross_gram(hc, hd)})
+                                       cross={0: _cross_gram(hc, hd)}, gram_shrink=opts.gram_shrink)
         else:
-            comp = compensate_(view, plan, store, opts.compensate, ridge=opts.ridge, progress=False,
-                               method=opts.method, fbn_rule=opts.fbn_rule, networks=nets)
+            comp = compensate_(view, plan, store, opts.compensate, ridge=opts.ridge, gram_shrink=opts.gram_shrink,
+                               progress=False, method=opts.method, fbn_rule=opts.fbn_rule, networks=nets)
         apply_plan_(view, plan, mode=opts.mode)
         xs, _, yc = run_layer(layer, adapter, i, xs, batches)
         assert yc is not None

@@ -91,6 +91,10 @@ class PruneConfig(Strict):
     )
     ridge: float = Field(1e-3, ge=0.0, description="relative ridge of the refit, netrefit and corrrefit "
                          "compensations and of the obs / redundancy eliminations (anchored has its own, 0.1)")
+    gram_shrink: float = Field(
+        0.0, ge=0.0, le=1.0, description="shrink the calibration covariance that obs, the redundancy rule and the "
+        "re-fits read towards its diagonal by this fraction; for little calibration text (0.5 with about 1,000 "
+        "tokens: benchmarks/fbn_rules/regimes.md), 0 = as measured")
     seed: int = 0
     sequential: bool = Field(
         False, description="prune layer by layer, each layer calibrated on the outputs of the already-pruned "

@@ -283,6 +283,36 @@ def test_prior_is_applied_inside_the_block_only(prior_mod, tiny_env, private_cac
         pass
 
 
+def test_the_recipes_gram_shrink_is_the_studys_diagonal_prior(prior_mod, tiny_env, private_cache):
+    """``prune.gram_shrink`` in a recipe prunes exactly as the study's ``diag`` prior at the same strength did, so
+    the regimes' numbers hold for the product option."""
+    from benchmarks.runner import Bench
+    from fbnprune.recipe.schema import Recipe
+
+    def recipe(shrink):
+        return Recipe.model_validate({
+            "name": "tiny", "model": {"source": str(tiny_env / "model")},
+            "collect": {"source": str(tiny_env / "calib.txt"), "n_tokens": 256, "seq_len": 32,
+                        "keep_activations": True},
+            "prune": {"method": "obs", "compensate": "refit", "sparsity": 0.25, "protected_layers": [],
+                      "gram_shrink": shrink}, "evaluate": None, "export": None})
+
+    bench = Bench(recipe(0.0))
+
+    def down(r):
+        return [layer.mlp.down_proj.weight.detach().clone() for layer in r.lm.model.model.layers]
+
+    product = bench.prune(recipe(0.5))
+    with prior_mod.applied("diag", 0.5):
+        study = bench.prune(recipe(0.0))
+    plain = bench.prune(recipe(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(product.plan.keep, study.plan.keep, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(down(product), down(study), strict=True))
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(down(product), down(plain), strict=True))
+    with pytest.raises(ValueError, match="gram_shrink"):
+        recipe(1.5)
+
+
 def test_prior_choice_is_made_on_validation_text(regimes):
     mod, *_ = regimes
     test, valid = mod.TEST_SET, mod.VALID_SET

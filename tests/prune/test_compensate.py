@@ -160,6 +160,43 @@ def test_refit_report_and_gram(tmp_path):
         assert 0 <= rep["layers"][i]["refit"] < rep["layers"][i]["pruned"] <= 1.5
 
 
+def test_gram_shrink_scales_covariances_only_and_stays_psd(tmp_path):
+    from fbnprune.prune.gram import moments, shrink_to_diagonal
+
+    g_ = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 9, generator=g_, dtype=torch.float64) + 2.0  # 6 rows, 9 neurons: a singular covariance
+    x = torch.cat([h, torch.ones(6, 1, dtype=torch.float64)], 1)
+    g = x.T @ x
+    rows, mean, cov = moments(g)
+    for lam in (0.3, 1.0):
+        out = shrink_to_diagonal(g, lam)
+        r2, m2, c2 = moments(out)
+        assert r2 == rows and torch.allclose(m2, mean) and torch.allclose(c2.diagonal(), cov.diagonal())
+        off = ~torch.eye(9, dtype=torch.bool)
+        assert torch.allclose(c2[off], (1 - lam) * cov[off])
+        assert torch.linalg.eigvalsh(c2).min() > -1e-12
+    assert shrink_to_diagonal(g, 0.0) is g
+    with pytest.raises(UserError, match="gram_shrink"):
+        shrink_to_diagonal(g, 1.5)
+
+
+def test_refit_with_gram_shrink_differs_and_reports_measured_errors(tmp_path):
+    """The shrunk re-fit is another solution; its errors are measured on the calibration activations as they are,
+    so it fits them less closely than the plain re-fit (which is optimal on them up to its tiny ridge)."""
+    clear_gram_cache()
+    dense = tiny_model("llama")
+    store = make_store(dense, tmp_path / "s")
+    plan = make_plan(scores_for(dense), sparsity=0.5)
+    plain, shrunk = copy.deepcopy(dense), copy.deepcopy(dense)
+    rep0 = refit_compensation_(plain, plan, store, ridge=1e-4, progress=False)
+    rep1 = compensate_(shrunk, plan, store, "refit", ridge=1e-4, gram_shrink=0.5, progress=False)
+    assert rep1["gram_shrink"] == 0.5 and "gram_shrink" not in rep0
+    ad = get_adapter(dense)
+    for i, (a, b) in enumerate(zip(ad.mlps(plain), ad.mlps(shrunk), strict=True)):
+        assert not torch.allclose(ad.down_weight(a), ad.down_weight(b), atol=1e-5)
+        assert rep0["layers"][i]["refit"] < rep1["layers"][i]["refit"] <= rep1["layers"][i]["pruned"]
+
+
 def test_compensation_errors(tmp_path):
     dense = tiny_model("llama")
     store = make_store(dense, tmp_path / "s")

@@ -42,13 +42,14 @@ def model_with_layers(model_type: str, n_layers: int, seed: int = 0):
     return model.eval()
 
 
-def parallel(model, tmp_path, method, sparsity, compensate, seqs):
+def parallel(model, tmp_path, method, sparsity, compensate, seqs, gram_shrink=0.0):
     adapter = get_adapter(model)
     store = make_store(model, tmp_path / "store", seqs)
-    ctx = ScoreContext(model=model, adapter=adapter, store=store, sparsity=sparsity, progress=False)
+    ctx = ScoreContext(model=model, adapter=adapter, store=store, sparsity=sparsity, gram_shrink=gram_shrink,
+                       progress=False)
     scores = score_neurons(method, ctx)
     plan = make_plan(scores, sparsity=sparsity, allocation="uniform", protected=[])
-    compensate_(model, plan, store, compensate, progress=False, method=method)
+    compensate_(model, plan, store, compensate, progress=False, method=method, gram_shrink=gram_shrink)
     apply_plan_(model, plan)
     return plan
 
@@ -60,16 +61,19 @@ def opts(**kw):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-@pytest.mark.parametrize(("method", "compensate", "target"),
-                         [("obs", "refit", "dense"), ("obs", "refit", "layer"), ("wanda_sp", "bias", "dense")])
-def test_one_layer_sequential_equals_parallel(tmp_path, model_type, method, compensate, target):
-    """With one layer there is nothing upstream to correct: both targets and every method give the parallel model."""
+@pytest.mark.parametrize(("method", "compensate", "target", "shrink"),
+                         [("obs", "refit", "dense", 0.0), ("obs", "refit", "layer", 0.0),
+                          ("wanda_sp", "bias", "dense", 0.0), ("obs", "refit", "layer", 0.5)])
+def test_one_layer_sequential_equals_parallel(tmp_path, model_type, method, compensate, target, shrink):
+    """With one layer there is nothing upstream to correct: both targets and every method give the parallel model
+    (the Gram shrunk towards its diagonal as well)."""
     batch = calib_batch()
     m_par = model_with_layers(model_type, 1)
     m_seq = copy.deepcopy(m_par)
-    plan = parallel(m_par, tmp_path, method, 0.5, compensate, batch)
+    plan = parallel(m_par, tmp_path, method, 0.5, compensate, batch, gram_shrink=shrink)
     res = prune_sequential(InMemoryLayers(m_seq, get_adapter(m_seq)), batch.sequences,
-                           opts(method=method, compensate=compensate, refit_target=target), tmp_path / "work")
+                           opts(method=method, compensate=compensate, refit_target=target, gram_shrink=shrink),
+                           tmp_path / "work")
     assert [k.tolist() for k in res.plan.keep] == [k.tolist() for k in plan.keep]
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(m_seq(x).logits, m_par(x).logits, rtol=1e-4, atol=1e-4)
