@@ -305,9 +305,11 @@ def prior_table(choices: list[dict[str, Any]]) -> list[str]:
     kinds = ["none", *gram_prior.KINDS]
     md = ["## Network prior for OBS + re-fit", "",
           "Test perplexity increase (WikiText-2, 2,048-token windows) at the strength chosen on the held-out tail of "
-          "wikitext2-valid (chosen strengths in brackets, per seed); last column: `net` against the best other "
-          "prior (`none` included), as a share of that prior's increase, paired by seed.", "",
-          "| model | tokens | seeds | " + " | ".join(kinds) + " | net vs best other |", "|" + "---|" * (4 + len(kinds))]
+          "wikitext2-valid (chosen strengths in brackets, per seed); `net vs best other`: `net` against the best "
+          "other prior (`none` included), as a share of that prior's increase, paired by seed; `diag vs none`: "
+          "what shrinking towards the diagonal (the product's `prune.gram_shrink`) removes of the increase.", "",
+          "| model | tokens | seeds | " + " | ".join(kinds) + " | net vs best other | diag vs none |",
+          "|" + "---|" * (5 + len(kinds))]
     for (model, _, tokens), seeds in sorted(groups.items()):
         common = [s for s in sorted(seeds) if set(kinds) <= set(seeds[s])]
         if not common:
@@ -321,11 +323,13 @@ def prior_table(choices: list[dict[str, Any]]) -> list[str]:
 
         others = [k for k in kinds if k != "net"]
         best = min(others, key=lambda k: statistics.fmean(seeds[s][k]["test_increase"] for s in common))
-        shares = [(seeds[s][best]["test_increase"] - seeds[s]["net"]["test_increase"]) / seeds[s][best]["test_increase"]
+        def gain(k: str, ref: str, seeds: dict = seeds, common: list[int] = common) -> str:
+            xs = [(seeds[s][ref]["test_increase"] - seeds[s][k]["test_increase"]) / seeds[s][ref]["test_increase"]
                   for s in common]
-        sd = statistics.stdev(shares) if len(shares) > 1 else 0.0
+            return f"{statistics.fmean(xs):+.1%} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1%}"
+
         md.append(f"| {model} | {tokens} | {len(common)} | " + " | ".join(stat(k) for k in kinds)
-                  + f" | {statistics.fmean(shares):+.1%} ± {sd:.1%} vs {best} |")
+                  + f" | {gain('net', best)} vs {best} | {gain('diag', 'none')} |")
     return [*md, ""]
 
 

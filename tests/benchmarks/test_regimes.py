@@ -332,6 +332,20 @@ def test_prior_choice_is_made_on_validation_text(regimes):
     assert mod.parse_method("fbn") == ("fbn", None, 0.0)
 
 
+def test_prior_table_compares_net_with_the_best_other_and_diag_with_none(regimes):
+    mod, *_ = regimes
+    inc = {0: {"none": 10.0, "net": 6.0, "rand": 5.0, "diag": 4.0, "ridge": 8.0},
+           1: {"none": 20.0, "net": 9.0, "rand": 7.0, "diag": 5.0, "ridge": 9.0}}
+    choices = [{"model": "m", "calib_source": "s", "calib_tokens": 1024, "calib_seed": seed, "prior": k,
+                "strength": 0.5, "test_increase": v} for seed, row in inc.items() for k, v in row.items()]
+    line = [x for x in mod.prior_table(choices) if x.startswith("| m |")]
+    assert len(line) == 1
+    cells = [c.strip() for c in line[0].strip("|").split("|")]
+    assert cells[:3] == ["m", "1024", "2"] and cells[3].startswith("15.00 ± 7.07")
+    # net against diag (the best other): (4-6)/4 and (5-9)/5 -> -50% and -80%; diag against none: +60% and +75%
+    assert cells[-2] == "-65.0% ± 21.2% vs diag" and cells[-1] == "+67.5% ± 10.6%"
+
+
 def test_discovery_settings_follow_the_calibration_budget(regimes):
     """Scarce calibration gets four blocks of what there is and at most half as many components as rows."""
     mod, *_ = regimes
