@@ -248,11 +248,11 @@ def refit_compensation_(
     if ridge < 0:
         raise UserError(f"ridge must be >= 0, got {ridge}")
     report: dict[str, Any] = {}
-    if store.n_rows < 2 * max(plan.widths):
+    if store.n_rows < 2 * max(plan.widths) and not gram_shrink:
         log.warning(
             "refit: %d calibration rows for layers of %d neurons; the least-squares fit is under-determined and "
-            "may over-fit the calibration text (collect more tokens, e.g. >= 4x the MLP width, or raise ridge)",
-            store.n_rows, max(plan.widths),
+            "may over-fit the calibration text (collect more tokens, e.g. >= 4x the MLP width, or shrink the "
+            "covariance: prune.gram_shrink 0.5)", store.n_rows, max(plan.widths),
         )
         report["warning"] = "under-determined: fewer calibration rows than 2x the MLP width"
 
