@@ -36,16 +36,13 @@ def clear_gram_cache() -> None:
     _CACHE.clear()
 
 
-def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048, reduce: bool = True,
-                   shrink: float = 0.0) -> torch.Tensor:
+def augmented_gram(store: ActivationStore, layer: int, chunk_rows: int = 2048, reduce: bool = True) -> torch.Tensor:
     """``[H, 1]^T [H, 1]`` of ``layer`` in float64 (accumulated chunk by chunk from float32 products).
 
     ``reduce`` (several processes): the ranks share the chunks out and all-reduce, so every rank must call it for
     the layer; ``False``: this rank computes the whole Gram alone (per-layer work shared out by layer, see
-    :func:`fbnprune.distributed.layer_results`). ``shrink``: the covariance part shrunk towards its diagonal
-    (:func:`shrink_to_diagonal`); the cache keeps the measured Gram."""
-    if shrink:
-        return shrink_to_diagonal(augmented_gram(store, layer, chunk_rows, reduce), shrink)
+    :func:`fbnprune.distributed.layer_results`). Always the measured Gram; readers that regularise it apply
+    :func:`shrink_to_diagonal` to their own copy."""
     key = (str(store.path), int(layer))
     if key in _CACHE:
         _CACHE.move_to_end(key)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fbnprune import distributed as dist
 from fbnprune.collect.store import ActivationStore
 from fbnprune.errors import UserError
-from fbnprune.prune.gram import augmented_gram
+from fbnprune.prune.gram import augmented_gram, shrink_to_diagonal
 from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def obs_scores(ctx: ScoreContext) -> list[torch.Tensor]:
     def one(i: int) -> torch.Tensor:
         w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
         n = w.shape[1]
-        g = augmented_gram(store, i, reduce=not by_layer, shrink=ctx.gram_shrink)
+        g = shrink_to_diagonal(augmented_gram(store, i, reduce=not by_layer), ctx.gram_shrink)
         return obs_order(g, w, round(n * (1 - sparsity)), steps, ridge)
 
     return [s for _, s in tqdm(dist.layer_results(len(mlps), one, "obs scoring"), total=len(mlps),

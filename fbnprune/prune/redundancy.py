@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fbnprune import distributed as dist
 from fbnprune.discover import NetworkSet
-from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve
+from fbnprune.prune.gram import abs_correlation, augmented_gram, ridge_solve, shrink_to_diagonal
 from fbnprune.prune.networks import network_neighbourhoods, scoring_networks
 from fbnprune.prune.obs import checked_store, elimination_options, elimination_scores
 from fbnprune.prune.scorers import Needs, ScoreContext, register_scorer
@@ -153,7 +153,7 @@ def redundancy_scores(ctx: ScoreContext, nets: NetworkSet, control: bool = False
 
     def one(i: int) -> torch.Tensor:
         w = ctx.adapter.down_weight(mlps[i]).detach().double().cpu()
-        g = augmented_gram(store, i, reduce=not by_layer, shrink=ctx.gram_shrink)
+        g = shrink_to_diagonal(augmented_gram(store, i, reduce=not by_layer), ctx.gram_shrink)
         share = network_neighbourhoods(nets, i)
         nb: Neighbours = correlation_like(g, share) if control else (lambda alive, s=share: s)
         return redundancy_order(g, w, round(w.shape[1] * (1 - sparsity)), nb, steps, ridge)
