@@ -12,7 +12,10 @@ ask why, by changing only the right-hand side of the ``dense`` re-fit (``sequent
 * ``resid-mean``: only the mean of that error (a bias-like correction, low variance);
 * ``dense-nosink``: the ``dense`` target, with those outlier rows aimed at the ``layer`` target instead;
 * ``blend-A``: a partial correction, ``(1 - A) H_c W^T + A H_d W^T`` (``A`` = 0.25 or 0.5): the ``layer`` target
-  moved a fraction ``A`` of the way towards the ``dense`` one, which bounds how far the re-fit may chase the error.
+  moved a fraction ``A`` of the way towards the ``dense`` one, which bounds how far the re-fit may chase the error;
+* ``dense-shrink-S`` / ``layer-shrink-S``: the ``dense`` or ``layer`` target unchanged, with the re-fit's Gram
+  matrix shrunk towards its diagonal (``prune.gram_shrink`` = ``S``): is the ``dense`` target's failure an
+  ill-conditioned solve that regularisation would fix?
 
     OMP_NUM_THREADS=1 python benchmarks/sequential/targets.py resid        # one variant per run; appends to targets.json
 
@@ -21,7 +24,8 @@ measures ppl@2048 on WikiText-2 test and KL on the held-out text (``benchmarks.r
 does. A probe, not a mode (``targets.json``): only ``blend-0.25`` beats the ``layer`` target, by little (34.60 /
 1.559 against 34.89 / 1.589: 9 % of parallel pruning's increase removed instead of 7 %; the KL, on held-out text
 that is not evaluation text, ranks the blends the same way), far from the quarter; the stronger corrections do
-worse the further they go (``blend-0.5`` 35.29, ``dense`` 70.72).
+worse the further they go (``blend-0.5`` 35.29, ``dense`` 70.72). Shrinkage does not rescue the ``dense`` target
+(``dense-shrink-0.2`` is worse still), so its failure is not the conditioning of the solve.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from benchmarks.leaderboard.run import bench_protocol, protocol  # noqa: E402
 from benchmarks.runner import Bench, command_line, read_json, record, write_json  # noqa: E402
 from fbnprune.recipe import load_recipe  # noqa: E402
 
-VARIANTS = ("resid", "resid-nosink", "resid-mean", "dense-nosink", "blend-0.25", "blend-0.5")
+VARIANTS = ("resid", "resid-nosink", "resid-mean", "dense-nosink", "blend-0.25", "blend-0.5", "dense-shrink-0.2",
+            "layer-shrink-0.2")
 OUTLIER = 10.0  # a row whose error norm exceeds this many times the median is an attention-sink row
 
 
@@ -54,7 +59,10 @@ def _outliers(diff: torch.Tensor) -> torch.Tensor:
 
 
 def patch(variant: str) -> None:
-    """Swap the ``dense`` target's right-hand side for ``variant``'s (module-level functions of the loop)."""
+    """Swap the ``dense`` target's right-hand side for ``variant``'s (module-level functions of the loop); the
+    ``-shrink-`` variants change the recipe instead (:func:`overrides`)."""
+    if "-shrink-" in variant:
+        return
     state: dict[str, Any] = {"mids": []}
     run_layer, cross_gram = seq.run_layer, seq._cross_gram
 
@@ -99,6 +107,14 @@ def patch(variant: str) -> None:
     seq._cross_gram = target
 
 
+def overrides(variant: str) -> list[str]:
+    """The recipe settings of ``variant``: sequential, its re-fit target, and any Gram shrinkage."""
+    target, _, shrink = variant.partition("-shrink-")
+    if shrink:
+        return ["prune.sequential=true", f"prune.refit_target={target}", f"prune.gram_shrink={shrink}"]
+    return ["prune.sequential=true", "prune.refit_target=dense"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variant", choices=VARIANTS)
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     c = proto["calibration"]
     calib = [f"collect.{k}={c[k]}" for k in ("source", "n_tokens", "seq_len", "seed", "drop_first")]
     recipe = load_recipe(ROOT / "benchmarks" / "leaderboard" / "grid" / "smollm2-135m" / f"{args.cell}.yaml",
-                         [*calib, "collect.keep_activations=true", "prune.sequential=true", "prune.refit_target=dense"])
+                         [*calib, "collect.keep_activations=true", *overrides(args.variant)])
     bench = Bench(recipe, dataclasses.replace(bench_protocol(proto), tasks=()), command=command_line(argv))
     patch(args.variant)
     t0 = time.perf_counter()
