@@ -395,7 +395,8 @@ def summarize() -> None:
 
 
 def figure(ms: list[dict[str, Any]]) -> None:
-    """Perplexity increase against calibration budget per method and model (WikiText-2 calibration and test)."""
+    """Perplexity increase against calibration budget per method and model (WikiText-2 calibration and test;
+    mean and sd over seeds, both axes logarithmic)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,13 +407,17 @@ def figure(ms: list[dict[str, Any]]) -> None:
     for ax, model in zip(axes[0], models, strict=True):
         pts = sorted((m for m in ms if m["model"] == model and m["calib_source"] in REGIMES["budget"]["sources"]
                       and m["eval_source"] == TEST_SET), key=lambda m: m["calib_tokens"])
+        positive = True
         for k in METHODS:
             xs = [m["calib_tokens"] for m in pts if k in m["means"]]
             ys = [m["means"][k] for m in pts if k in m["means"]]
             es = [m["sds"][k] for m in pts if k in m["means"]]
-            if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[k])
+            if xs:  # on a log axis (increases span three decades) the lower bar stops short of zero
+                low = [min(e, 0.9 * y) if y > 0 else e for e, y in zip(es, ys, strict=True)]
+                ax.errorbar(xs, ys, yerr=[low, es], marker="o", capsize=3, label=LABELS[k])
+                positive = positive and min(ys) > 0
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log" if positive else "linear")
         ax.set_xlabel("calibration tokens (wikitext2-valid)")
         ax.set_ylabel("ppl@2048 increase over dense (WikiText-2 test)")
         ax.set_title(model)
