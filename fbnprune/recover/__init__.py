@@ -107,7 +107,8 @@ def recover_(
         model = full_(student, targets)
     n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     teach = Teacher(teacher, adapter, text.ids, chunk=cfg.batch_size, topk=cfg.teacher_topk,
-                    temperature=cfg.temperature, mlp_out=cfg.mlp_weight > 0, h=cfg.network_weight > 0)
+                    temperature=cfg.temperature, mlp_out=cfg.mlp_weight > 0, h=cfg.network_weight > 0,
+                    precision=cfg.precision)
     setup = time.perf_counter() - t0
     out = train_(model, student, adapter, teach, cfg, maps=maps, checkpoints=checkpoints, progress=progress,
                  on_step=on_step)

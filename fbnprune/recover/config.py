@@ -70,6 +70,10 @@ class RecoverConfig(BaseModel):
         "max_tokens and max_minutes, so a time budget gets a full cosine too")
     warmup: float = Field(0.05, ge=0, lt=1, description="linear warm-up over this fraction of the budget")
     max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="precision of the forward and backward matrix products of student and teacher "
+        "(autocast; weights, gradients, optimizer state and losses stay float32). bfloat16 trains about twice as "
+        "many tokens per second on CPUs with AMX or AVX512-BF16 and can be slower on CPUs without them")
     max_minutes: float | None = Field(15.0, gt=0, description="training time budget (the teacher's time included)")
     max_tokens: int | None = Field(None, gt=0, description="training token budget (input tokens)")
     temperature: float = Field(1.0, gt=0, description="of the logits KL (the loss is scaled by T^2)")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fbnprune.arch import MLPAdapter
-from fbnprune.recover.losses import taps, teacher_topk
+from fbnprune.recover.losses import autocast, taps, teacher_topk
 
 
 class Teacher:
@@ -28,7 +28,8 @@ class Teacher:
     """
 
     def __init__(self, model: nn.Module, adapter: MLPAdapter, ids: torch.Tensor, *, chunk: int,
-                 topk: int | None = None, temperature: float = 1.0, mlp_out: bool = False, h: bool = False) -> None:
+                 topk: int | None = None, temperature: float = 1.0, mlp_out: bool = False, h: bool = False,
+                 precision: str = "float32") -> None:
         self.model = model.eval()
         self.adapter = adapter
         self.ids = ids
@@ -37,6 +38,7 @@ class Teacher:
         self.temperature = temperature
         self.mlp_out, self.h = mlp_out, h
         self.device = next(model.parameters()).device
+        self.precision = precision
         self.forward_tokens = 0  # tokens the teacher has run on (the cost the cache saves)
         self.served_tokens = 0
         if topk is not None:
@@ -47,8 +49,9 @@ class Teacher:
 
     @torch.no_grad()
     def _run(self, x: torch.Tensor) -> dict[str, Any]:
-        with taps(self.model, self.adapter, mlp_out=self.mlp_out, h=self.h) as got:
-            logits = self.model(input_ids=x.to(self.device), use_cache=False).logits
+        with taps(self.model, self.adapter, mlp_out=self.mlp_out, h=self.h) as got, autocast(self.device,
+                                                                                           self.precision):
+            logits = self.model(input_ids=x.to(self.device), use_cache=False).logits.float()
         self.forward_tokens += x.numel()
         return {"logits": logits, "mlp_out": list(got["mlp_out"]), "h": list(got["h"])}
 

@@ -22,7 +22,7 @@ from torch import nn
 from fbnprune.arch import MLPAdapter
 from fbnprune.recover.checkpoint import Checkpoints
 from fbnprune.recover.config import RecoverConfig
-from fbnprune.recover.losses import NetworkMaps, kl_loss, lm_loss, relative_mse, taps, topk_kl_loss
+from fbnprune.recover.losses import NetworkMaps, autocast, kl_loss, lm_loss, relative_mse, taps, topk_kl_loss
 from fbnprune.recover.teacher import Teacher
 from fbnprune.recover.trainable import trainable_parameters
 
@@ -143,7 +143,8 @@ def train_(model: nn.Module, tapped: nn.Module, adapter: MLPAdapter, teacher: Te
                 rows = _next_rows(state, n, cfg.batch_size, cfg.seed)
                 x = teacher.ids[rows].to(device)
                 target = teacher(rows)
-                with taps(tapped, adapter, mlp_out=cfg.mlp_weight > 0, h=cfg.network_weight > 0) as got:
+                with taps(tapped, adapter, mlp_out=cfg.mlp_weight > 0, h=cfg.network_weight > 0) as got, \
+                        autocast(device, cfg.precision):
                     logits = model(input_ids=x, use_cache=False).logits
                 terms = _losses(cfg, logits, x, target, got, maps)
                 loss = sum(weights[k] * v for k, v in terms.items()) / cfg.grad_accum

@@ -31,6 +31,7 @@ OK = ["recover.data=[technical]"]  # the quickstart holds c4 out for its KL, so 
     (["recover.kl_weight=0"], "every loss weight is 0"),
     (["recover.teacher_topk=64", "recover.mlp_weight=1"], "teacher_topk caches only logits"),
     (["recover.checkpoint_dir=/tmp/x"], "checkpoint_every is not"),
+    (["recover.precision=float16"], "recover.precision: Input should be 'float32' or 'bfloat16'"),
     (["recover.unknown=1"], "recover.unknown: unknown key"),
 ])
 def test_bad_settings_are_recipe_errors(overrides, message):
