@@ -165,6 +165,8 @@ def make_sequences(
     seed: int = 0,
     model: Any = None,
     min_doc_tokens: int = 16,
+    sample_batch: int = 8,
+    sample_precision: str = "float32",
 ) -> TokenBatch:
     """Token sequences totalling about ``n_tokens`` tokens from ``source``.
 
@@ -178,6 +180,9 @@ def make_sequences(
         seed: window selection / sampling seed.
         model: needed only for ``self``.
         min_doc_tokens: in ``document`` mode, shorter documents are skipped.
+        sample_batch, sample_precision: for ``self``, sequences sampled at once and the precision of the
+            model's matrix products (``bfloat16``: autocast). Larger batches sample several times as many tokens a
+            second; a different batch or precision samples different text from the same seed.
     """
     if n_tokens <= 0 or seq_len < 2:
         raise UserError("n_tokens must be > 0 and seq_len >= 2")
@@ -187,7 +192,8 @@ def make_sequences(
     if source == "self":
         if model is None:
             raise UserError("source 'self' samples text from the model, so a model is needed")
-        return _self_generated(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, seed=seed)
+        return _self_generated(model, tokenizer, n_tokens=n_tokens, seq_len=seq_len, seed=seed,
+                               batch_size=sample_batch, precision=sample_precision)
     texts = load_texts(source)
     if not texts:
         raise UserError(f"text source {source!r} is empty")
@@ -251,7 +257,8 @@ def _tokenize_concat(tokenizer: Any, texts: list[str], limit: int | None) -> tor
 
 
 @torch.no_grad()
-def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, seed: int) -> TokenBatch:
+def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, seed: int, batch_size: int = 8,
+                    precision: str = "float32") -> TokenBatch:
     """Sample calibration text from the model (no data needed); seeded and recorded like any other source.
 
     Generation starts from the tokenizer's start tokens, which the sequences keep; a tokenizer that starts a
@@ -264,23 +271,24 @@ def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, 
     prompt_ids = start or [seed_token(tokenizer)]
     keep_from = 0 if start else 1
     device = next(model.parameters()).device
-    gen_bs = 8
+    gen_bs = max(1, batch_size)
     seqs: list[torch.Tensor] = []
     torch.manual_seed(seed)
     for b in tqdm(range(0, n_seq, gen_bs), desc="sampling text (data-free)", unit="batch"):
         nb = min(gen_bs, n_seq - b)
         prompt = torch.tensor([prompt_ids] * nb, dtype=torch.long, device=device)
         new = seq_len - len(prompt_ids) + keep_from
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         seqs.extend(row[keep_from : keep_from + seq_len].cpu() for row in out)
     return TokenBatch.build(seqs, f"self(seed={seed})", "pack", start=start)

@@ -60,6 +60,10 @@ class RecoverConfig(BaseModel):
     n_tokens: int | None = Field(
         None, gt=0, description="training text in all (split evenly between sources); null = every whole window "
         "of each source (self needs a number)")
+    sample_batch: int = Field(
+        8, ge=1, description="for data 'self': sequences sampled at once (64 samples several times as many tokens "
+        "a second as 8 on a CPU; a different batch samples different text from the same seed). Sampling runs at "
+        "`precision` too")
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")

@@ -67,7 +67,8 @@ def training_text(tokenizer: Any, cfg: RecoverConfig, *, model: Any = None,
     for i, src in enumerate(cfg.data):
         want = share if share is not None else _all_windows(tokenizer, src, cfg.seq_len)
         batch = make_sequences(tokenizer, src, n_tokens=want, seq_len=cfg.seq_len, mode="pack",
-                               seed=cfg.seed + i, model=model)
+                               seed=cfg.seed + i, model=model, sample_batch=cfg.sample_batch,
+                               sample_precision=cfg.precision)
         seqs.extend(batch.sequences)
         infos.append({"source": batch.source, "sequences": len(batch.sequences), "tokens": batch.n_tokens,
                       "sha256": batch.sha256})

@@ -73,6 +73,22 @@ def test_self_source_samples_from_model():
     assert a.sequences[0][0] == CharTok.bos_token_id
 
 
+@pytest.mark.parametrize("batch, precision", [(2, "float32"), (8, "bfloat16")])
+def test_self_source_sampling_batch_and_precision(batch, precision):
+    """Any sampling batch fills the asked tokens (a last, smaller batch included); sampling stays seeded at either
+    batch and precision, and another batch draws other text."""
+    model = tiny_model("llama")
+    kw = dict(n_tokens=100, seq_len=20, seed=0, model=model)
+    a = make_sequences(CharTok(), "self", sample_batch=batch, sample_precision=precision, **kw)
+    b = make_sequences(CharTok(), "self", sample_batch=batch, sample_precision=precision, **kw)
+    ref = make_sequences(CharTok(), "self", **kw)  # 8 at a time, float32
+    assert [len(s) for s in a.sequences] == [20] * 5
+    assert all(s[0] == CharTok.bos_token_id for s in a.sequences)
+    assert a.sha256 == b.sha256
+    assert (a.sha256 != ref.sha256) == (batch != 8)
+    assert all(int(s.max()) < model.config.vocab_size for s in a.sequences)
+
+
 def test_data_dir_override(monkeypatch, tmp_path):
     monkeypatch.setenv("FBNPRUNE_DATA", str(tmp_path))
     assert data_dir() == tmp_path
