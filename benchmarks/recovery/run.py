@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="5,15,30", help="minutes of training per cell")
     ap.add_argument("--data", default="c4+technical,self", help="comma-separated; '+' joins sources of one cell")
     ap.add_argument("--methods", default="full", help="recovery methods: full, lora")
-    ap.add_argument("--self-tokens", type=int, default=65536, help="text sampled from the dense model for 'self'")
+    ap.add_argument("--self-tokens", type=int, default=65536,
+                    help="text sampled from the dense model for 'self' (the other sources of a cell: all their text)")
     ap.add_argument("--held-out", default="wiki", help="held-out text of KL (never recovery text)")
     ap.add_argument("--seq-lens", default="2048", help="perplexity window lengths")
     ap.add_argument("--tasks", default=",".join(LEADERBOARD["tasks"]), help="lm-eval tasks ('' for none)")
@@ -152,7 +153,7 @@ def main() -> None:
                 name = cell_name(sp, data, minutes, method, rate, nw, extra)
                 budget = {"max_minutes": minutes} if rate is None else {"max_tokens": max(1, round(rate * minutes))}
                 cfg = RecoverConfig(method=method, data=sources, **budget,
-                                    n_tokens=args.self_tokens if "self" in sources else None,
+                                    n_tokens=self_tokens(sources, args.self_tokens),
                                     checkpoint_every=args.checkpoint_every, network_weight=nw, **extra)
                 student = copy.deepcopy(pruned.lm.model)
                 trained = recover_(bench.dense, student, bench.tokenizer, cfg, plan=pruned.plan,
@@ -165,6 +166,13 @@ def main() -> None:
                 found = rows(out)
                 write_json(out / "results.json", found, indent=1)
                 (out / "results.md").write_text(markdown(found))
+
+
+def self_tokens(sources: list[str], n: int) -> int | dict[str, int] | None:
+    """``n_tokens`` of a cell: ``n`` sampled tokens for ``self``, every window of the other sources."""
+    if "self" not in sources:
+        return None
+    return n if sources == ["self"] else {"self": n}
 
 
 def parse_rates(text: str) -> dict[str, float]:

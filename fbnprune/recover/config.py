@@ -57,9 +57,10 @@ class RecoverConfig(BaseModel):
         default_factory=lambda: ["c4", "technical"],
         description="training text: calibration sources, files, hf:..., or self (sampled from the dense model); "
         "never the evaluation text")
-    n_tokens: int | None = Field(
-        None, gt=0, description="training text in all (split evenly between sources); null = every whole window "
-        "of each source (self needs a number)")
+    n_tokens: int | dict[str, int | None] | None = Field(
+        None, description="training text in all (split evenly between sources), or tokens per source "
+        "({self: 262144}: a source left out or null gives every whole window); null = every whole window of each "
+        "source (self needs a number)")
     sample_batch: int = Field(
         8, ge=1, description="for data 'self': sequences sampled at once (64 samples several times as many tokens "
         "a second as 8 on a CPU; a different batch samples different text from the same seed). Sampling runs at "
@@ -144,11 +145,26 @@ class RecoverConfig(BaseModel):
         if self.teacher_topk is not None and (self.mlp_weight > 0 or self.network_weight > 0):
             raise ValueError("teacher_topk caches only logits; the MLP and network losses need the teacher's "
                              "activations every step (set teacher_topk: null)")
-        if self.n_tokens is None and "self" in self.data:
+        if isinstance(self.n_tokens, dict):
+            extra = sorted(set(self.n_tokens) - set(self.data))
+            if extra:
+                raise ValueError(f"n_tokens names {', '.join(extra)}, which data does not list")
+            bad = [k for k, v in self.n_tokens.items() if v is not None and v <= 0]
+            if bad:
+                raise ValueError(f"n_tokens of {', '.join(bad)} must be > 0")
+        elif self.n_tokens is not None and self.n_tokens <= 0:
+            raise ValueError("n_tokens must be > 0")
+        if "self" in self.data and self.tokens_of("self") is None:
             raise ValueError("data 'self' is sampled from the dense model: give n_tokens (how much to sample)")
         if self.checkpoint_dir is not None and self.checkpoint_every is None:
             raise ValueError("checkpoint_dir is set but checkpoint_every is not: no checkpoint would be written")
         return self
+
+    def tokens_of(self, source: str) -> int | None:
+        """Tokens asked of ``source`` (None: every whole window of it)."""
+        if isinstance(self.n_tokens, dict):
+            return self.n_tokens.get(source)
+        return None if self.n_tokens is None else -(-self.n_tokens // len(self.data))
 
     @property
     def micro_tokens(self) -> int:

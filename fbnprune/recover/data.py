@@ -61,11 +61,11 @@ def training_text(tokenizer: Any, cfg: RecoverConfig, *, model: Any = None,
         if src in DATA_FILES and data_dir() is None:
             raise UserError(f"recover.data {src!r} needs the data directory (set FBNPRUNE_DATA), or train on text "
                             "sampled from the model: recover.data=[self] recover.n_tokens=65536")
-    share = None if cfg.n_tokens is None else -(-cfg.n_tokens // len(cfg.data))
     seqs: list[torch.Tensor] = []
     infos: list[dict[str, Any]] = []
     for i, src in enumerate(cfg.data):
-        want = share if share is not None else _all_windows(tokenizer, src, cfg.seq_len)
+        asked = cfg.tokens_of(src)
+        want = asked if asked is not None else _all_windows(tokenizer, src, cfg.seq_len)
         batch = make_sequences(tokenizer, src, n_tokens=want, seq_len=cfg.seq_len, mode="pack",
                                seed=cfg.seed + i, model=model, sample_batch=cfg.sample_batch,
                                sample_precision=cfg.precision)

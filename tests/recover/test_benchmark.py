@@ -169,3 +169,14 @@ def test_recovery_settings_probe(tmp_path, data, monkeypatch):
             mod.main([*args[:-4], "--candidates", "nope", "--out", str(out)])
     finally:
         sys.path[:] = saved
+
+
+def test_self_text_beside_other_sources_leaves_them_whole():
+    saved = list(sys.path)
+    try:
+        mod = load_script(BENCHMARKS / "recovery" / "run.py", "recovery_run_tokens")
+        assert mod.self_tokens(["c4", "technical"], 4096) is None
+        assert mod.self_tokens(["self"], 4096) == 4096  # what the self-only cells were measured with
+        assert mod.self_tokens(["c4", "code", "self"], 4096) == {"self": 4096}
+    finally:
+        sys.path[:] = saved

@@ -32,6 +32,9 @@ OK = ["recover.data=[technical]"]  # the quickstart holds c4 out for its KL, so 
     (["recover.teacher_topk=64", "recover.mlp_weight=1"], "teacher_topk caches only logits"),
     (["recover.checkpoint_dir=/tmp/x"], "checkpoint_every is not"),
     (["recover.precision=float16"], "recover.precision: Input should be 'float32' or 'bfloat16'"),
+    (["recover.n_tokens={cc: 100}"], "n_tokens names cc, which data does not list"),
+    (["recover.n_tokens=0"], "n_tokens must be > 0"),
+    (["recover.data=[self,technical]", "recover.n_tokens={technical: 1000}"], "data 'self' is sampled"),
     (["recover.unknown=1"], "recover.unknown: unknown key"),
 ])
 def test_bad_settings_are_recipe_errors(overrides, message):

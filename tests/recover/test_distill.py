@@ -129,3 +129,18 @@ def test_bfloat16_products_change_the_numbers_not_the_outcome(root):
     assert fp32["curve"] != bf16["curve"]
     ka, kb = kl(teacher, a, held), kl(teacher, b, held)
     assert abs(ka - kb) < 0.1 * ka, (ka, kb)  # measured: 0.00868 both (0.0139 before training)
+
+
+def test_tokens_per_source_takes_every_window_of_the_others(root):
+    """``n_tokens: {self: N}`` samples N tokens and keeps every whole window of the file sources; an int splits."""
+    from fbnprune.recover.data import training_text
+
+    teacher, _ = pair()
+    calib = str(root / "calib.txt")
+    whole = training_text(word_tokenizer(), config(root, data=[calib]))
+    mixed = training_text(word_tokenizer(), config(root, data=[calib, "self"], n_tokens={"self": 32 * 6}),
+                          model=teacher)
+    assert [s["sequences"] for s in mixed.sources] == [whole.ids.shape[0], 6]
+    assert torch.equal(mixed.ids[: whole.ids.shape[0]], whole.ids)
+    split = training_text(word_tokenizer(), config(root, data=[calib, "self"], n_tokens=32 * 8), model=teacher)
+    assert [s["sequences"] for s in split.sources] == [4, 4]
