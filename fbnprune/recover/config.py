@@ -77,7 +77,7 @@ class RecoverConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="precision of the forward and backward matrix products of student and teacher "
-        "(autocast; weights, gradients, optimizer state and losses stay float32). bfloat16 trains about twice as "
+        "(autocast; weights, gradients, optimizer state and losses stay float32). bfloat16 trains two to three times as "
         "many tokens per second on CPUs with AMX or AVX512-BF16 and can be slower on CPUs without them")
     max_minutes: float | None = Field(15.0, gt=0, description="training time budget (the teacher's time included)")
     max_tokens: int | None = Field(None, gt=0, description="training token budget (input tokens)")
