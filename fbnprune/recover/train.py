@@ -49,6 +49,11 @@ def lr_factor(progress: float, warmup: float, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (p - warmup) / (1.0 - warmup)))
 
 
+def step_ramp(step: int, warmup_steps: int) -> float:
+    """Multiplier of optimizer step ``step`` (1-based) during a warm-up counted in steps: ``step / warmup_steps``."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
 def progress_of(cfg: RecoverConfig, tokens: int, seconds: float) -> float:
     """Spent fraction of the budget: the larger of the token and time fractions."""
     parts = []
@@ -134,7 +139,7 @@ def train_(model: nn.Module, tapped: nn.Module, adapter: MLPAdapter, teacher: Te
                 break
             step_tokens = cfg.grad_accum * cfg.micro_tokens
             lr = cfg.lr * lr_factor(progress_of(cfg, state.tokens + step_tokens, state.seconds), cfg.warmup,
-                                    cfg.schedule)
+                                    cfg.schedule) * step_ramp(state.step + 1, cfg.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)

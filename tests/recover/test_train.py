@@ -44,3 +44,17 @@ def test_time_budget_stops_training(tmp_path):
     assert rec["stop"] == "max_minutes" and rec["steps"] >= 1 and 0.004 <= rec["minutes"] < 0.1
     lrs = [row[3] for row in rec["curve"]]
     assert lrs == sorted(lrs, reverse=True)  # cosine over the clock: the learning rate only falls (no warm-up)
+
+
+def test_warmup_steps_ramp_the_first_steps(tmp_path):
+    """With few steps the budget's warm-up is shorter than one step; ``warmup_steps`` ramps the first N anyway."""
+    root = env(tmp_path)
+    teacher, a = pair()
+    _, b = pair()
+    plain = recover_(teacher, a, word_tokenizer(), config(root, method="full"), progress=False)
+    ramped = recover_(teacher, b, word_tokenizer(), config(root, method="full", warmup_steps=4), progress=False)
+    lr_plain = [row[3] for row in plain["curve"]]
+    lr_ramped = [row[3] for row in ramped["curve"]]
+    assert lr_plain[0] > 0.5 * 3e-3  # 12 steps, 5 % warm-up: the first step is already near the peak rate
+    assert lr_ramped[:4] == pytest.approx([lr_plain[i] * (i + 1) / 4 for i in range(4)])
+    assert lr_ramped[4:] == pytest.approx(lr_plain[4:])
