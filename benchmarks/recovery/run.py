@@ -86,13 +86,17 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+DEFAULTS = {k: RecoverConfig.model_fields[k].default for k in ("grad_accum", "precision", "warmup_steps")}
+
+
 def rows(out: Path) -> list[dict[str, Any]]:
     """The issue's rows from every finished cell."""
     found = []
     for path in sorted(out.glob("results/*/*.json")):
         cell = read_json(path)
         if cell and "recovery" in cell:
-            found.append(cell["row"])
+            # settings the table shows, from the cell's own settings for rows written before the row held them
+            found.append({**{k: cell.get("settings", {}).get(k, DEFAULTS[k]) for k in DEFAULTS}, **cell["row"]})
     return found
 
 
@@ -207,7 +211,10 @@ def markdown(found: list[dict[str, Any]]) -> str:
         mods = ",".join(r.get("target_modules") or r["training"]["target_modules"] or [])
         seq_len = r.get("seq_len", RecoverConfig.model_fields["seq_len"].default)
         batch = r.get("batch_size", RecoverConfig.model_fields["batch_size"].default)
-        return f"{r['recovery']} {mods}, {seq_len}x{batch}, lr {r['lr']:g}"
+        more = "".join([f" x{r['grad_accum']} accum" if r.get("grad_accum", 1) != 1 else "",
+                        f", {r['precision']}" if r.get("precision", "float32") != "float32" else "",
+                        f", warm-up {r['warmup_steps']} steps" if r.get("warmup_steps") else ""])
+        return f"{r['recovery']} {mods}, {seq_len}x{batch}{more}, lr {r['lr']:g}"
 
     for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], r["data"], r["budget_min"], how(r),
                                           r.get("network_weight") or 0.0)):
@@ -270,6 +277,7 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
     gap = b[key] - d[key]
     return {"model": Path(model).name, "method": "obs+refit", "sparsity": sp, "data": data, "budget_min": minutes,
             "recovery": cfg.method, "lr": cfg.lr, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "precision": cfg.precision, "warmup_steps": cfg.warmup_steps,
             "target_modules": cfg.target_modules, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
             f"ppl{long}_after": a[key], "gap_closed": (b[key] - a[key]) / gap if gap else None,
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
