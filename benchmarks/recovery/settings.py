@@ -15,7 +15,9 @@ number of tokens on the benchmark's training text (c4 + technical) and reports p
 * ``lr1e-3``: ten times the learning rate;
 * ``lr3e-4+all``: three times the learning rate on every projection;
 * ``lr3e-4+b2``: three times the learning rate with 2 windows per step, so the same tokens make four times
-  as many optimizer steps.
+  as many optimizer steps;
+* ``b2x4+all+w4+lr1e-4`` and ``...+lr3e-5``: for Gemma 3, every projection at lr 1e-4 or 3e-5, eight windows a
+  step as 2 x 4 micro-batches (its logits take four times the memory), the first four steps ramped.
 
     OMP_NUM_THREADS=1 python benchmarks/recovery/settings.py --model smollm2-135m --sparsity 0.3 --tokens-budget 43760
 
@@ -46,6 +48,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr1e-3": {"lr": 1e-3},
     "lr3e-4+all": {"lr": 3e-4, "target_modules": ["all"]},
     "lr3e-4+b2": {"lr": 3e-4, "batch_size": 2},
+    # Gemma 3 (262k vocabulary: 2 windows x 4 micro-batches for memory, the same tokens a step), every projection,
+    # the first 4 steps ramped: a 5-minute budget is 8 steps, and lr 3e-4 unramped broke the first step
+    "b2x4+all+w4+lr1e-4": {"batch_size": 2, "grad_accum": 4, "target_modules": ["all"], "warmup_steps": 4},
+    "b2x4+all+w4+lr3e-5": {"batch_size": 2, "grad_accum": 4, "target_modules": ["all"], "warmup_steps": 4,
+                           "lr": 3e-5},
 }
 
 
