@@ -27,6 +27,7 @@ import torch
 
 from fbnprune.errors import UserError
 from fbnprune.models.feed import seed_token, start_tokens
+from fbnprune.models.load import autocast
 from fbnprune.paths import data_dir
 from fbnprune.registry import Registry
 
@@ -278,7 +279,7 @@ def _self_generated(model: Any, tokenizer: Any, *, n_tokens: int, seq_len: int, 
         nb = min(gen_bs, n_seq - b)
         prompt = torch.tensor([prompt_ids] * nb, dtype=torch.long, device=device)
         new = seq_len - len(prompt_ids) + keep_from
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        with autocast(device, precision):
             out = model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),

@@ -20,6 +20,14 @@ from fbnprune.paths import cache_dir
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """A forward pass's precision context: bfloat16 matrix products on float32 weights, or none ("float32").
+
+    Training and sampling use it to run about twice as fast on CPUs with bfloat16 units (AMX) while keeping the
+    weights, and everything computed outside the products, in float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 @dataclass
 class LoadedModel:
     """A model, its tokenizer and where they came from (recorded in provenance)."""

@@ -29,11 +29,6 @@ from fbnprune.arch import MLPAdapter
 from fbnprune.errors import UserError
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The forward pass's precision context: bfloat16 matrix products (weights stay float32), or none."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-
-
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) at ``temperature``, times ``temperature^2``."""
     v = student_logits.shape[-1]

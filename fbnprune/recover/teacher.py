@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from fbnprune.arch import MLPAdapter
-from fbnprune.recover.losses import autocast, taps, teacher_topk
+from fbnprune.models.load import autocast
+from fbnprune.recover.losses import taps, teacher_topk
 
 
 class Teacher:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from fbnprune.arch import MLPAdapter
+from fbnprune.models.load import autocast
 from fbnprune.recover.checkpoint import Checkpoints
 from fbnprune.recover.config import RecoverConfig
-from fbnprune.recover.losses import NetworkMaps, autocast, kl_loss, lm_loss, relative_mse, taps, topk_kl_loss
+from fbnprune.recover.losses import NetworkMaps, kl_loss, lm_loss, relative_mse, taps, topk_kl_loss
 from fbnprune.recover.teacher import Teacher
 from fbnprune.recover.trainable import trainable_parameters
 
