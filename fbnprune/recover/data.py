@@ -3,21 +3,27 @@
 Every source goes through :func:`fbnprune.collect.make_sequences` (pack mode), so windows start the way the
 tokenizer starts a text, exactly like calibration and evaluation windows. The text is made at the start of a run,
 before anything costly: a missing or too-short source is an error before collection, pruning or training.
-``self`` is sampled from the dense model, so recovery needs no data at all.
+``self`` is sampled from the dense model, so recovery needs no data at all; sampled text is kept in the cache
+(:func:`sampled_text`), because sampling costs about as much as a short recovery budget and every later run with
+the same dense model and sampling settings reuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fbnprune.collect.sources import DATA_FILES, _tokenize_concat, load_texts, make_sequences
+from fbnprune.collect.sources import DATA_FILES, TokenBatch, _tokenize_concat, load_texts, make_sequences
 from fbnprune.errors import UserError
-from fbnprune.paths import data_dir
+from fbnprune.models.feed import seed_token, start_tokens
+from fbnprune.paths import cache_dir, data_dir
+from fbnprune.recover.checkpoint import weights_hash
 from fbnprune.recover.config import EVALUATION_TEXT, RecoverConfig
 
 
@@ -66,9 +72,11 @@ def training_text(tokenizer: Any, cfg: RecoverConfig, *, model: Any = None,
     for i, src in enumerate(cfg.data):
         asked = cfg.tokens_of(src)
         want = asked if asked is not None else _all_windows(tokenizer, src, cfg.seq_len)
-        batch = make_sequences(tokenizer, src, n_tokens=want, seq_len=cfg.seq_len, mode="pack",
-                               seed=cfg.seed + i, model=model, sample_batch=cfg.sample_batch,
-                               sample_precision=cfg.precision)
+        if src == "self":
+            batch = sampled_text(tokenizer, model, n_tokens=want, seq_len=cfg.seq_len, seed=cfg.seed + i,
+                                 sample_batch=cfg.sample_batch, precision=cfg.precision)
+        else:
+            batch = make_sequences(tokenizer, src, n_tokens=want, seq_len=cfg.seq_len, mode="pack", seed=cfg.seed + i)
         seqs.extend(batch.sequences)
         infos.append({"source": batch.source, "sequences": len(batch.sequences), "tokens": batch.n_tokens,
                       "sha256": batch.sha256})
@@ -82,3 +90,29 @@ def training_text(tokenizer: Any, cfg: RecoverConfig, *, model: Any = None,
                         f"{cfg.grad_accum}); give more text or smaller batches")
     h = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     return TrainingText(ids=ids, sources=infos, sha256=h)
+
+
+def sampled_text(tokenizer: Any, model: Any, *, n_tokens: int, seq_len: int, seed: int, sample_batch: int,
+                 precision: str) -> TokenBatch:
+    """``self`` text sampled from ``model``, or the same text from the cache when it was sampled before.
+
+    The cache key holds everything the sampled tokens depend on: the model's weights, the tokenizer's start and
+    padding tokens, the amount, window length, seed, sampling batch and precision."""
+    if model is None:
+        raise UserError("recover.data 'self' samples text from the dense model, so a model is needed")
+    key = {"weights": weights_hash(model), "start": start_tokens(tokenizer), "seed_token": seed_token(tokenizer),
+           "pad": tokenizer.pad_token_id, "n_tokens": n_tokens, "seq_len": seq_len, "seed": seed,
+           "sample_batch": sample_batch, "precision": precision, "torch": torch.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_dir() / "self_text" / f"{digest}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return TokenBatch.build(list(saved["ids"]), saved["source"], "pack", start=saved["start"].tolist())
+    batch = make_sequences(tokenizer, "self", n_tokens=n_tokens, seq_len=seq_len, mode="pack", seed=seed,
+                           model=model, sample_batch=sample_batch, sample_precision=precision)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"ids": torch.stack(batch.sequences), "source": batch.source,
+                "start": torch.tensor(batch.start, dtype=torch.long)}, tmp)
+    os.replace(tmp, path)  # a half-written file is never visible under the final name
+    return batch

@@ -131,6 +131,7 @@ def test_bfloat16_products_change_the_numbers_not_the_outcome(root):
     assert abs(ka - kb) < 0.1 * ka, (ka, kb)  # measured: 0.00868 both (0.0139 before training)
 
 
+@pytest.mark.usefixtures("private_cache")
 def test_tokens_per_source_takes_every_window_of_the_others(root):
     """``n_tokens: {self: N}`` samples N tokens and keeps every whole window of the file sources; an int splits."""
     from fbnprune.recover.data import training_text
@@ -144,3 +145,27 @@ def test_tokens_per_source_takes_every_window_of_the_others(root):
     assert torch.equal(mixed.ids[: whole.ids.shape[0]], whole.ids)
     split = training_text(word_tokenizer(), config(root, data=[calib, "self"], n_tokens=32 * 8), model=teacher)
     assert [s["sequences"] for s in split.sources] == [4, 4]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_sampled_text_is_cached_per_model_and_settings(root, monkeypatch):
+    """A second run with the same dense model and sampling settings reuses the sampled text instead of sampling."""
+    from fbnprune.paths import cache_dir
+    from fbnprune.recover import data
+
+    teacher, _ = pair()
+    cfg = config(root, data=["self"], n_tokens=32 * 6)
+    first = data.training_text(word_tokenizer(), cfg, model=teacher)
+    assert len(list((cache_dir() / "self_text").glob("*.pt"))) == 1
+    calls = []
+    real = data.make_sequences
+    monkeypatch.setattr(data, "make_sequences", lambda *a, **k: calls.append(k) or real(*a, **k))
+    again = data.training_text(word_tokenizer(), cfg, model=teacher)
+    assert calls == [] and torch.equal(again.ids, first.ids) and again.sha256 == first.sha256
+    assert again.sources == first.sources  # the same provenance as when it was sampled
+    other = data.training_text(word_tokenizer(), config(root, data=["self"], n_tokens=32 * 6, seed=1), model=teacher)
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)  # other weights: other text
+    data.training_text(word_tokenizer(), cfg, model=teacher)
+    assert len(calls) == 2 and not torch.equal(other.ids, first.ids)
+    assert len(list((cache_dir() / "self_text").glob("*.pt"))) == 3
