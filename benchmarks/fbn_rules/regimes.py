@@ -209,6 +209,8 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                         with gram_prior.applied(kind, strength, nets, seed=seed):
                             r = bench.prune(recipe)
                     evals = dict((old or {}).get("evals", {}))
+                    # the record below names this run; the evaluations it keeps were made by earlier ones
+                    earlier = (old or {}).get("earlier_runs", []) + ([provenance(old)] if old else [])
                     for ev in evs:
                         evals[ev] = ppl(r.lm.model, texts, ev, m)
                     net = r.networks.summary if r.networks is not None else None
@@ -220,10 +222,15 @@ def run(model: str, regime: str, methods: list[str] | None, sparsity: int, threa
                         "evals": evals, "networks": _net_summary(net), "kept_widths": r.plan.kept_widths,
                         "discover": recipe.discover.model_dump(mode="json") if recipe.discover else None,
                         "prune_seconds": r.report.get("seconds"), "seconds": round(time.perf_counter() - t0, 1),
-                        "threads": threads_note, **record(bench.command)})
+                        "threads": threads_note, **record(bench.command), "earlier_runs": earlier})
                     say(f"{source}-{tokens}-s{seed} {m}: " + ", ".join(f"{ev} {evals[ev]['ppl']:.2f}" for ev in evs))
                     del r
                 shutil.rmtree(store.path, ignore_errors=True)  # activations: GBs each, cheap to capture again
+
+
+def provenance(cell: dict[str, Any]) -> dict[str, Any]:
+    """Which evaluations of a cell one run made, and with what command, date and versions."""
+    return {"evals": sorted(cell.get("evals", {})), **{k: cell[k] for k in ("command", "date", "versions") if k in cell}}
 
 
 def _net_summary(summary: Any) -> Any:

@@ -85,6 +85,8 @@ def test_run_resume_and_summary(regimes, capsys):
     mod.run("tiny", "domain", list(METHODS), 25, "1 torch thread")
     shared = json.loads((d / f"{key}-128-s0" / "fbn.json").read_text())
     assert set(shared["evals"]) == {test, calib} and shared["evals"][test] == before
+    # the budget run that measured the kept evaluation is still named
+    assert [(e["evals"], e["command"]) for e in shared["earlier_runs"]] == [([test], one["command"])]
     assert set(json.loads((d / f"{key}-64-s0" / "fbn.json").read_text())["evals"]) == {test}  # not a domain cell
     mod.summarize()
     with (out / "calibration_regimes.csv").open() as f:
