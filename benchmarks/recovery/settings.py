@@ -16,6 +16,8 @@ number of tokens on the benchmark's training text (c4 + technical) and reports p
 * ``lr3e-4+all``: three times the learning rate on every projection;
 * ``lr3e-4+b2``: three times the learning rate with 2 windows per step, so the same tokens make four times
   as many optimizer steps;
+* ``lr5e-4+all`` and ``lr3e-4+all+T2``: every projection at a rate between 3e-4 and 1e-3, or at 3e-4 with the
+  KL taken at temperature 2 (softer teacher distributions);
 * ``b2x4+all+w4+lr1e-4`` and ``...+lr3e-5``: for Gemma 3, every projection at lr 1e-4 or 3e-5, eight windows a
   step as 2 x 4 micro-batches (its logits take four times the memory), the first four steps ramped.
 
@@ -48,6 +50,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr1e-3": {"lr": 1e-3},
     "lr3e-4+all": {"lr": 3e-4, "target_modules": ["all"]},
     "lr3e-4+b2": {"lr": 3e-4, "batch_size": 2},
+    "lr5e-4+all": {"lr": 5e-4, "target_modules": ["all"]},
+    "lr3e-4+all+T2": {"lr": 3e-4, "target_modules": ["all"], "temperature": 2.0},
     # Gemma 3 (262k vocabulary: 2 windows x 4 micro-batches for memory, the same tokens a step), every projection,
     # the first 4 steps ramped: a 5-minute budget is 8 steps, and lr 3e-4 unramped broke the first step
     "b2x4+all+w4+lr1e-4": {"batch_size": 2, "grad_accum": 4, "target_modules": ["all"], "warmup_steps": 4},
