@@ -140,7 +140,8 @@ def main() -> None:
         for sp in (float(s) for s in args.sparsities.split(",")):
             todo = [(data, minutes, method, nw) for data in args.data.split(",")
                     for minutes in (float(b) for b in args.budgets.split(",")) for method in args.methods.split(",")
-                    for nw in weights if not cells.done(cell_name(sp, data, minutes, method, rate, nw, extra))]
+                    for nw in weights
+                    if not cells.done(cell_name(sp, data, minutes, method, rate, nw, extra, args.self_tokens))]
             if not todo:
                 continue
             pruned = bench.prune(bench.recipe_with(sparsity=sp))
@@ -154,7 +155,7 @@ def main() -> None:
                 sources = data.split("+")
                 if args.held_out in sources:
                     raise SystemExit(f"--held-out {args.held_out!r} is recovery text in --data {data!r}")
-                name = cell_name(sp, data, minutes, method, rate, nw, extra)
+                name = cell_name(sp, data, minutes, method, rate, nw, extra, args.self_tokens)
                 budget = {"max_minutes": minutes} if rate is None else {"max_tokens": max(1, round(rate * minutes))}
                 cfg = RecoverConfig(method=method, data=sources, **budget,
                                     n_tokens=self_tokens(sources, args.self_tokens),
@@ -216,12 +217,15 @@ def markdown(found: list[dict[str, Any]]) -> str:
                         f", warm-up {r['warmup_steps']} steps" if r.get("warmup_steps") else ""])
         return f"{r['recovery']} {mods}, {seq_len}x{batch}{more}, lr {r['lr']:g}"
 
-    for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], r["data"], r["budget_min"], how(r),
+    def data(r: dict[str, Any]) -> str:  # the sources, and how much text was sampled for ``self``
+        return r["data"] + (f" ({r['self_tokens']:,} self tokens)" if r.get("self_tokens") else "")
+
+    for r in sorted(found, key=lambda r: (r["model"], r["sparsity"], data(r), r["budget_min"], how(r),
                                           r.get("network_weight") or 0.0)):
         t = r["training"]
         budget = f"{r['budget_min']:g} min" + (f" ({r['budget_tokens']:,} tokens)" if r["budget_tokens"] else "")
         lines.append(
-            f"| {r['model']} | {r['sparsity']:g} | {r['data']} | {budget} | {how(r)} | "
+            f"| {r['model']} | {r['sparsity']:g} | {data(r)} | {budget} | {how(r)} | "
             f"{f(r.get('network_weight') or 0.0, 'g')} | {r[f'dense_{key}']:.2f} | {r[f'{key}_before']:.2f} | "
             f"{r[f'{key}_after']:.2f} | {f(r['gap_closed'], '.1%')} | "
             f"{f(r['kl_before'], '.3f')} -> {f(r['kl_after'], '.3f')} | {f(r['tasks_mean_before'], '.3f')} -> "
@@ -260,11 +264,13 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 
 def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | None = None,
-              network_weight: float = 0.0, extra: dict[str, Any] | None = None) -> str:
+              network_weight: float = 0.0, extra: dict[str, Any] | None = None, self_tokens: int = 0) -> str:
     """A cell's file name; a token budget (``rate``) is another cell than the same minutes of wall time, and a
-    network loss or other settings (``extra``) another cell than the defaults."""
+    network loss, another amount of sampled text (``self_tokens``, named when ``data`` holds ``self``) or other
+    settings (``extra``) another cell than the defaults."""
     budget = f"{minutes:g}min" if rate is None else f"{minutes:g}min-{round(rate * minutes)}tok"
     net = f"__net{network_weight:g}" if network_weight > 0 else ""
+    net += f"__self_tokens={self_tokens}" if "self" in data.split("+") else ""
     more = "".join(f"__{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted((extra or {}).items()))
     return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}{more}"
 
@@ -284,6 +290,7 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),
             "tasks_mean_before": b.get("tasks_mean"), "tasks_mean_after": a.get("tasks_mean"),
             "network_weight": cfg.network_weight, "bos": a.get("bos"), "budget_tokens": cfg.max_tokens,
+            "self_tokens": cfg.tokens_of("self") if "self" in cfg.data else None,
             "budget_tokens_per_minute": rate,
             "training": spent(trained), "command": rec["command"], "machine": rec["machine"]}
 

@@ -180,3 +180,23 @@ def test_self_text_beside_other_sources_leaves_them_whole():
         assert mod.self_tokens(["c4", "code", "self"], 4096) == {"self": 4096}
     finally:
         sys.path[:] = saved
+
+
+def test_self_cells_are_named_by_their_sampled_tokens():
+    """Two cells that differ only in how much text was sampled for ``self`` are two cells (a rerun with more
+    sampled text must not find the smaller one finished), and the table says how much each sampled."""
+    saved = list(sys.path)
+    try:
+        mod = load_script(BENCHMARKS / "recovery" / "run.py", "recovery_run_names")
+        small, big = (mod.cell_name(0.3, "c4+self", 30, "full", 100.0, 0.0, {"lr": 3e-4}, n) for n in (4096, 8192))
+        assert small != big and "self_tokens=8192" in big
+        assert mod.cell_name(0.3, "c4", 30, "full", self_tokens=4096) == mod.cell_name(0.3, "c4", 30, "full",
+                                                                                      self_tokens=8192)
+        row = {"model": "m", "sparsity": 0.3, "data": "c4+self", "self_tokens": 8192, "budget_min": 30,
+               "budget_tokens": None, "recovery": "full", "target_modules": ["all"], "lr": 3e-4, "dense_ppl32": 1.0,
+               "ppl32_before": 3.0, "ppl32_after": 2.0, "gap_closed": 0.5, "kl_before": 1.0, "kl_after": 0.5,
+               "tasks_mean_before": None, "tasks_mean_after": None, "tasks_mean_dense": None,
+               "training": {"tokens": 10, "minutes": 1.0}}
+        assert "| c4+self (8,192 self tokens) |" in mod.markdown([row])
+    finally:
+        sys.path[:] = saved
