@@ -52,6 +52,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr3e-4+b2": {"lr": 3e-4, "batch_size": 2},
     "lr5e-4+all": {"lr": 5e-4, "target_modules": ["all"]},
     "lr3e-4+all+T2": {"lr": 3e-4, "target_modules": ["all"], "temperature": 2.0},
+    "lr3e-4+all+lm0.5": {"lr": 3e-4, "target_modules": ["all"], "lm_weight": 0.5},
     # Gemma 3 (262k vocabulary: 2 windows x 4 micro-batches for memory, the same tokens a step), every projection,
     # the first 4 steps ramped: a 5-minute budget is 8 steps, and lr 3e-4 unramped broke the first step
     "b2x4+all+w4+lr1e-4": {"batch_size": 2, "grad_accum": 4, "target_modules": ["all"], "warmup_steps": 4},
