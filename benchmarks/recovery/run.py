@@ -270,9 +270,9 @@ def cell_name(sp: float, data: str, minutes: float, method: str, rate: float | N
     settings (``extra``) another cell than the defaults."""
     budget = f"{minutes:g}min" if rate is None else f"{minutes:g}min-{round(rate * minutes)}tok"
     net = f"__net{network_weight:g}" if network_weight > 0 else ""
-    net += f"__self_tokens={self_tokens}" if "self" in data.split("+") else ""
+    sampled = f"__self_tokens={self_tokens}" if "self" in data.split("+") else ""
     more = "".join(f"__{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted((extra or {}).items()))
-    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}{more}"
+    return f"{PRUNE['method']}-refit-{sp}__{data}__{budget}__{method}{net}{sampled}{more}"
 
 
 def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cfg: RecoverConfig, d: dict[str, Any],

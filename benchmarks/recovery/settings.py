@@ -18,6 +18,8 @@ number of tokens on the benchmark's training text (c4 + technical) and reports p
   as many optimizer steps;
 * ``lr5e-4+all`` and ``lr3e-4+all+T2``: every projection at a rate between 3e-4 and 1e-3, or at 3e-4 with the
   KL taken at temperature 2 (softer teacher distributions);
+* ``lr3e-4+all+lm0.5``: every projection at 3e-4 with the next-token loss on the training text added at half the
+  KL's weight;
 * ``b2x4+all+w4+lr1e-4`` and ``...+lr3e-5``: for Gemma 3, every projection at lr 1e-4 or 3e-5, eight windows a
   step as 2 x 4 micro-batches (its logits take four times the memory), the first four steps ramped.
 
