@@ -86,7 +86,8 @@ def summary(ev: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-DEFAULTS = {k: RecoverConfig.model_fields[k].default for k in ("grad_accum", "precision", "warmup_steps")}
+DEFAULTS = {k: RecoverConfig.model_fields[k].default
+            for k in ("grad_accum", "precision", "warmup_steps", "lm_weight", "mlp_weight")}
 
 
 def rows(out: Path) -> list[dict[str, Any]]:
@@ -121,8 +122,13 @@ def main() -> None:
                     "cells with such settings are named apart")
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--out", default=str(HERE))
+    ap.add_argument("--tables-only", action="store_true",
+                    help="rebuild results.json and results.md from the finished cells; train nothing")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.tables_only:
+        write_tables(out)
+        return
     rates = parse_rates(args.tokens_per_minute)
     weights = parse_weights(args.network_weights)
     extra = parse_settings(args.set)
@@ -168,9 +174,14 @@ def main() -> None:
                                               trained, rec, long),
                                    "after": after, "recovery": trained, "settings": cfg.model_dump(mode="json"),
                                    **record(rec["command"])})
-                found = rows(out)
-                write_json(out / "results.json", found, indent=1)
-                (out / "results.md").write_text(markdown(found))
+                write_tables(out)
+
+
+def write_tables(out: Path) -> None:
+    """results.json and results.md from every finished cell under ``out``."""
+    found = rows(out)
+    write_json(out / "results.json", found, indent=1)
+    (out / "results.md").write_text(markdown(found))
 
 
 def self_tokens(sources: list[str], n: int) -> int | dict[str, int] | None:
@@ -214,7 +225,9 @@ def markdown(found: list[dict[str, Any]]) -> str:
         batch = r.get("batch_size", RecoverConfig.model_fields["batch_size"].default)
         more = "".join([f" x{r['grad_accum']} accum" if r.get("grad_accum", 1) != 1 else "",
                         f", {r['precision']}" if r.get("precision", "float32") != "float32" else "",
-                        f", warm-up {r['warmup_steps']} steps" if r.get("warmup_steps") else ""])
+                        f", warm-up {r['warmup_steps']} steps" if r.get("warmup_steps") else "",
+                        f", LM loss x{r['lm_weight']:g}" if r.get("lm_weight") else "",
+                        f", MLP loss x{r['mlp_weight']:g}" if r.get("mlp_weight") else ""])
         return f"{r['recovery']} {mods}, {seq_len}x{batch}{more}, lr {r['lr']:g}"
 
     def data(r: dict[str, Any]) -> str:  # the sources, and how much text was sampled for ``self``
@@ -284,7 +297,7 @@ def row(model: str, sp: float, data: str, minutes: float, rate: float | None, cf
     return {"model": Path(model).name, "method": "obs+refit", "sparsity": sp, "data": data, "budget_min": minutes,
             "recovery": cfg.method, "lr": cfg.lr, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "precision": cfg.precision, "warmup_steps": cfg.warmup_steps,
-            "target_modules": cfg.target_modules, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
+            "lm_weight": cfg.lm_weight, "mlp_weight": cfg.mlp_weight, "target_modules": cfg.target_modules, f"dense_ppl{long}": d[key], f"ppl{long}_before": b[key],
             f"ppl{long}_after": a[key], "gap_closed": (b[key] - a[key]) / gap if gap else None,
             "kl_before": b.get("kl"), "kl_after": a.get("kl"), "top1_before": b.get("top1"),
             "top1_after": a.get("top1"), "tasks_mean_dense": d.get("tasks_mean"),

@@ -198,5 +198,8 @@ def test_self_cells_are_named_by_their_sampled_tokens():
                "tasks_mean_before": None, "tasks_mean_after": None, "tasks_mean_dense": None,
                "training": {"tokens": 10, "minutes": 1.0}}
         assert "| c4+self (8,192 self tokens) |" in mod.markdown([row])
+        # a loss term beside the KL is part of how a cell trained, so two cells that differ in it read differently
+        plain, with_lm = mod.markdown([row]), mod.markdown([{**row, "lm_weight": 0.5}])
+        assert "LM loss" not in plain and "full all, 256x8, LM loss x0.5, lr 0.0003 |" in with_lm
     finally:
         sys.path[:] = saved
